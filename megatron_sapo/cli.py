@@ -1,0 +1,1 @@
+"""The `megatron-sapo` console script (subcommands are added as features land)."""

@@ -1,0 +1,100 @@
+"""Typed configuration sections.
+
+Each section is a dataclass with one docstring per field and its own validation, so an error
+names the offending key (``loss.tau_neg must be > 0``). Defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+LossName = Literal["sapo", "grpo", "gspo"]
+Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum"]
+KLEstimator = Literal["k1", "k3"]
+
+LOSS_NAMES: tuple[str, ...] = ("sapo", "grpo", "gspo")
+AGGREGATIONS: tuple[str, ...] = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k3")
+
+# Published clipping ranges, used when eps_low / eps_high are left unset. GRPO ranges apply to
+# token ratios (clip-higher 0.28); GSPO's apply to length-normalised sequence ratios, which sit
+# much closer to 1, hence ranges three orders of magnitude smaller.
+DEFAULT_CLIP_RANGES: dict[str, tuple[float, float]] = {
+    "grpo": (0.2, 0.28),
+    "gspo": (3e-4, 4e-4),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type, or out of range."""
+
+
+@dataclass
+class LossConfig:
+    """The policy-optimisation objective (paper eq. 10-14) and its regularisers."""
+
+    name: LossName = "sapo"
+    """Objective: "sapo" (soft gate), "grpo" (token hard clip) or "gspo" (sequence hard clip)."""
+    tau_pos: float = 1.0
+    """SAPO gate temperature for tokens with positive advantage."""
+    tau_neg: float = 1.05
+    """SAPO gate temperature for tokens with zero or negative advantage (paper: > tau_pos)."""
+    eps_low: float | None = None
+    """Lower clip range of GRPO/GSPO (ratio floor 1 - eps_low); None: the algorithm's default."""
+    eps_high: float | None = None
+    """Upper clip range of GRPO/GSPO (ratio ceiling 1 + eps_high); None: the algorithm's default."""
+    dual_clip_c: float | None = None
+    """Dual clip for negative advantages (loss capped at -c*A, c > 1); None disables it."""
+    agg: Aggregation = "seq-mean-token-mean"
+    """How token losses become a scalar: per-sequence token mean then mean over sequences
+    (paper eq. 5), mean over all tokens, or per-sequence token sum then mean over sequences."""
+    logratio_clamp: float = 20.0
+    """|log r| is clamped to this before exp so extreme ratios stay finite."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the reference policy (0 disables it)."""
+    kl_estimator: KLEstimator = "k3"
+    """KL estimator: "k1" (log ratio) or "k3" (low-variance, always >= 0)."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (0 disables it)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+        low, high = DEFAULT_CLIP_RANGES.get(self.name, (None, None))
+        if self.eps_low is None:
+            self.eps_low = low
+        if self.eps_high is None:
+            self.eps_high = high
+
+    def validate(self) -> None:
+        _check_choice("loss.name", self.name, LOSS_NAMES)
+        _check_choice("loss.agg", self.agg, AGGREGATIONS)
+        _check_choice("loss.kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        for key in ("tau_pos", "tau_neg", "logratio_clamp"):
+            _check_positive(f"loss.{key}", getattr(self, key))
+        for key in ("eps_low", "eps_high"):
+            value = getattr(self, key)
+            if value is not None:
+                _check_positive(f"loss.{key}", value)
+        if self.eps_low is not None and self.eps_low >= 1:
+            raise ConfigError(f"loss.eps_low must be < 1 (the ratio floor is 1 - eps_low), got {self.eps_low}")
+        if self.dual_clip_c is not None and not self.dual_clip_c > 1:
+            raise ConfigError(f"loss.dual_clip_c must be > 1 or unset, got {self.dual_clip_c}")
+        for key in ("kl_coef", "entropy_coef"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"loss.{key} must be a number >= 0, got {value!r}")
+
+    def replace(self, **changes) -> "LossConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_positive(key: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{key} must be a number > 0, got {value!r}")

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Build (or refresh) the project's virtual environment at <repo>/.venv.
+#
+#   tools/setup_env.sh            # CPU machine: everything the tests and the demo need
+#   tools/setup_env.sh --gpu      # GPU machine: also transformer-engine (extra "gpu")
+#
+# Order matters: torch 2.13.0 (CPU build on this platform's disk) first, then sglang without
+# its dependencies (its metadata pins torch 2.14.1 and CUDA kernels), then everything else
+# under a constraint that keeps torch at 2.13.0, then this package in editable mode.
+# Idempotent: a stamp keyed on the pinned files makes a second run return in about a second.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="$repo/.venv"
+python=${PYTHON:-python3.11}
+gpu=0
+[[ "${1:-}" == "--gpu" ]] && gpu=1
+
+log() { printf '[setup_env] %s\n' "$*" >&2; }
+
+stamp_inputs=("$repo/pyproject.toml" "$repo/tools/setup_env.sh" "$repo"/requirements/*.txt)
+want_stamp="$(cat "${stamp_inputs[@]}" | sha256sum | cut -d' ' -f1)-gpu$gpu"
+stamp_file="$venv/.setup-stamp"
+if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$want_stamp" ]]; then
+  exit 0
+fi
+
+install_mpi() {
+  command -v mpicc >/dev/null && command -v mpirun >/dev/null && return 0
+  log "installing the MPI system packages (openmpi) for mpi4py"
+  local sudo=""
+  if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || { log "error: mpicc not found and not root; install libopenmpi-dev and openmpi-bin"; exit 1; }
+    sudo="sudo"
+  fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libopenmpi-dev openmpi-bin >/dev/null
+}
+
+install_mpi
+
+if [[ ! -x "$venv/bin/python" ]]; then
+  command -v "$python" >/dev/null || { log "error: $python not found (Python 3.11 is required; set PYTHON=...)"; exit 1; }
+  log "creating $venv with $python"
+  "$python" -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input)
+constraints=(-c "$repo/requirements/constraints.txt")
+# Some machines' pip configuration names local package folders that may be absent; pip warns
+# once per package about each. Drop those lines, keep every other message and pip's status.
+pip_install() { pip_install "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
+
+log "installing torch 2.13.0"
+pip_install torch==2.13.0
+log "installing sglang without its CUDA pins"
+pip_install "${constraints[@]}" --no-deps -r "$repo/requirements/sglang.txt"
+log "installing runtime and test dependencies"
+pip_install "${constraints[@]}" -r "$repo/requirements/runtime.txt" -r "$repo/requirements/dev.txt"
+if [[ $gpu -eq 1 ]]; then
+  log "installing GPU extras (transformer-engine)"
+  pip_install "${constraints[@]}" -r "$repo/requirements/gpu.txt"
+fi
+log "installing megatron-sapo (editable)"
+pip_install "${constraints[@]}" --no-deps -e "$repo"
+
+"$venv/bin/python" - <<'PY'
+import torch
+assert torch.__version__.startswith("2.13.0"), f"torch {torch.__version__} installed; 2.13.0 is required"
+PY
+echo "$want_stamp" > "$stamp_file"
+log "ready: $venv"
