@@ -48,7 +48,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input)
 constraints=(-c "$repo/requirements/constraints.txt")
 # Some machines' pip configuration names local package folders that may be absent; pip warns
 # once per package about each. Drop those lines, keep every other message and pip's status.
-pip_install() { pip_install "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
+pip_install() { "${pip[@]}" install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 log "installing torch 2.13.0"
 pip_install torch==2.13.0
