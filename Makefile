@@ -1,0 +1,11 @@
+# The two entry points of the README. Both set up .venv first (tools/setup_env.sh, idempotent).
+.PHONY: demo test setup
+
+setup:
+	bash tools/setup_env.sh
+
+demo: setup
+	.venv/bin/megatron-sapo selfcheck
+
+test:
+	bash tools/run_tests.sh

@@ -1,0 +1,80 @@
+"""Multi-rank tests: every rank runs this same pytest session under one torchrun launch.
+
+    torchrun --nproc_per_node=2 -m pytest -m distributed tests/distributed
+
+One gloo process group serves the whole session (a launch costs seconds). Rank 0 reports;
+other ranks stay silent and write their failures to a log file. After each test the ranks
+agree on its outcome, so a failure on any rank fails the test on rank 0. Run outside torchrun, the tests
+are skipped with the command to use.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+UNDER_TORCHRUN = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+RANK = int(os.environ.get("RANK", "0"))
+RANK_LOG = os.path.join(tempfile.gettempdir(), f"megatron-sapo-tests-rank{RANK}.log")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    if not UNDER_TORCHRUN:
+        return
+    if RANK != 0:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            config.pluginmanager.unregister(reporter)
+        xml = getattr(config, "_xml", None)  # --junitxml: rank 0 writes the report
+        if xml is not None:
+            config.pluginmanager.unregister(xml)
+            del config._xml
+        open(RANK_LOG, "w").close()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+
+
+def pytest_unconfigure(config):
+    if UNDER_TORCHRUN and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not item.path.is_relative_to(HERE):
+            continue
+        item.add_marker(pytest.mark.distributed)
+        if not UNDER_TORCHRUN:
+            item.add_marker(pytest.mark.skip(
+                reason="multi-rank test: run `torchrun --nproc_per_node=2 -m pytest -m distributed tests/distributed` "
+                "(tools/run_tests.sh does)"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if not UNDER_TORCHRUN or report.when != "call":
+        return
+    if report.failed and RANK != 0:
+        with open(RANK_LOG, "a") as log:
+            log.write(f"FAILED {item.nodeid} on rank {RANK}\n{report.longreprtext}\n\n")
+    failed = torch.tensor([int(report.failed)])
+    dist.all_reduce(failed)
+    if failed.item() and not report.failed:
+        report.outcome = "failed"
+        report.longrepr = f"failed on another rank; see {RANK_LOG.replace('rank0', 'rank<N>')}"
+
+
+@pytest.fixture
+def world():
+    """The default (world) group of the launch, passed explicitly to what needs a group."""
+    return dist.group.WORLD
