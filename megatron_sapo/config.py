@@ -98,3 +98,68 @@ def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
 def _check_positive(key: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigError(f"{key} must be a number > 0, got {value!r}")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split over ranks. Data parallelism takes the ranks that remain."""
+
+    tp: int = 1
+    """Tensor-parallel size (attention heads, MLP width and vocabulary are split)."""
+    pp: int = 1
+    """Pipeline-parallel size (layers are split into stages)."""
+    ep: int = 1
+    """Expert-parallel size (MoE experts are split)."""
+    etp: int | None = None
+    """Tensor-parallel size inside each expert; None: 1 when ep > 1, else tp."""
+    sequence_parallel: bool | None = None
+    """Split activations along the sequence between TP ranks; None: on whenever tp > 1
+    (Megatron's MoE layers require it under TP)."""
+
+    def __post_init__(self) -> None:
+        for key in ("tp", "pp", "ep"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"parallel.{key} must be an integer >= 1, got {value!r}")
+        if self.etp is None:
+            self.etp = 1 if self.ep > 1 else self.tp
+        elif isinstance(self.etp, bool) or not isinstance(self.etp, int) or self.etp < 1:
+            raise ConfigError(f"parallel.etp must be an integer >= 1 or unset, got {self.etp!r}")
+        if self.sequence_parallel is None:
+            self.sequence_parallel = self.tp > 1
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Ranks left for data parallelism; errors name the sizes that do not divide."""
+        model = self.tp * self.pp
+        if world_size % model:
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tp * parallel.pp = {model}")
+        expert = self.etp * self.ep * self.pp
+        if world_size % expert:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.etp * parallel.ep * parallel.pp = {expert}")
+        return world_size // model
+
+
+@dataclass
+class RouterConfig:
+    """MoE router settings. RL defaults: no auxiliary loss, no expert-bias updates, fp32 router,
+    routing replay available (for R2/R3) with router fusion off (fusion bypasses replay)."""
+
+    routing_replay: bool = True
+    """Create Megatron RouterReplay hooks so routes can be recorded and replayed."""
+    aux_loss_coeff: float = 0.0
+    """Load-balancing auxiliary loss weight (0: off, the RL default)."""
+    expert_bias: bool = False
+    """Aux-loss-free balancing by a per-expert bias updated during training."""
+    bias_update_rate: float = 1e-3
+    """Update rate of that bias, when enabled."""
+    dtype: Literal["fp32", "fp64"] = "fp32"
+    """Precision of the router's logits and softmax."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.aux_loss_coeff, (int, float)) or self.aux_loss_coeff < 0:
+            raise ConfigError(f"router.aux_loss_coeff must be a number >= 0, got {self.aux_loss_coeff!r}")
+        _check_positive("router.bias_update_rate", self.bias_update_rate)
+        _check_choice("router.dtype", self.dtype, ("fp32", "fp64"))

@@ -1,0 +1,49 @@
+"""Process groups for a ParallelConfig, handed explicitly to the code that communicates.
+
+Megatron-Core keeps its groups in ``parallel_state``; we initialise them there (its model code
+reads them) and return a ``ProcessGroupCollection`` that our code passes on by argument, so no
+module of ours reaches for a global group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_sapo.config import ParallelConfig
+from megatron_sapo.parallel import megatron_cpu
+
+
+def initialize_model_parallel(cfg: ParallelConfig, seed: int = 1234):
+    """Create TP/PP/EP/DP groups on the already initialised default group; seed the RNGs.
+
+    Returns Megatron-Core's ``ProcessGroupCollection`` for these groups (``.tp``, ``.pp``,
+    ``.ep``, ``.expt_tp``, ``.dp``, ...). Applies the CPU compatibility layer when CUDA is absent.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("torch.distributed is not initialised; launch with torchrun or init_process_group first")
+    megatron_cpu.apply()
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    cfg.data_parallel_size(dist.get_world_size())  # clear error before Megatron's assertion
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tp,
+        pipeline_model_parallel_size=cfg.pp,
+        expert_model_parallel_size=cfg.ep,
+        expert_tensor_parallel_size=cfg.etp,
+    )
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def destroy_model_parallel() -> None:
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.router_replay import RouterReplay
+
+    RouterReplay.clear_global_router_replay_instances()
+    parallel_state.destroy_model_parallel()
