@@ -1,0 +1,127 @@
+"""Megatron model -> Hugging Face tensors and sharded safetensors files.
+
+``iter_hf_tensors`` walks this rank's parameters, gathers each over its split group (TP or
+expert-TP) and turns it into HF tensors with the table's transform. Exactly one rank owns
+each HF tensor (the first TP/expert-TP rank of the first data-parallel replica on its
+pipeline stage), so every rank can write its own part of the export and only the index is
+merged. Memory: one gathered weight at a time plus one output shard being filled.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from megatron_sapo.convert.hf_checkpoint import INDEX_FILE
+from megatron_sapo.convert.load import RankLayout
+from megatron_sapo.convert.mapping import MappingTable
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "generation_config.json", "tokenizer.model")
+
+
+def _gather(shard: torch.Tensor, group) -> list[torch.Tensor]:
+    size = dist.get_world_size(group)
+    if size == 1:
+        return [shard]
+    shards = [torch.empty_like(shard) for _ in range(size)]
+    dist.all_gather(shards, shard.contiguous(), group=group)
+    return shards
+
+
+@torch.no_grad()
+def iter_hf_tensors(model, table: MappingTable, pg_collection) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_name, tensor)`` for the HF tensors this rank owns; collective over TP/expert-TP."""
+    layout = RankLayout.of(model, pg_collection)
+    first_dp = dist.get_rank(pg_collection.dp) == 0
+    first_expert_dp = dist.get_rank(pg_collection.expt_dp) == 0
+    for name, param in model.named_parameters():
+        match = table.match(name)
+        expert = match.entry.group == "expert_tp"
+        shards = _gather(param.detach(), pg_collection.expt_tp if expert else pg_collection.tp)
+        split_rank, _ = layout.split_rank(match)
+        owner = split_rank == 0 and (first_expert_dp if expert else first_dp)
+        if not owner:
+            continue
+        full = match.entry.split.unshard(shards)
+        layer, expert_index = layout.global_indices(match)
+        yield from zip(match.entry.hf_names(layer, expert_index), match.entry.transform.to_hf(full))
+
+
+class ShardWriter:
+    """Fills safetensors files of at most ``max_shard_bytes`` under a rank-specific prefix."""
+
+    def __init__(self, out_dir: Path, prefix: str, max_shard_bytes: int):
+        self.out_dir, self.prefix, self.max_bytes = out_dir, prefix, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.weight_map: dict[str, str] = {}
+        self.files: list[str] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        file = f"{self.prefix}-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.out_dir / file), metadata={"format": "pt"})
+        self.files.append(file)
+        self.weight_map.update({name: file for name in self.pending})
+        self.pending, self.pending_bytes = {}, 0
+
+
+def export_hf(model, table: MappingTable, pg_collection, out_dir: str | Path, hf_config: dict, *,
+              dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30, extra_files_from: Path | None = None,
+              force: bool = False, progress=None) -> Path:
+    """Collective: write the model in the Hub layout (sharded safetensors + index + config.json)."""
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.partial")
+    rank = dist.get_rank()
+    if rank == 0:
+        if out.exists() and not force:
+            raise FileExistsError(f"{out} exists; pass --force to replace it")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    writer = ShardWriter(tmp, f"part-rank{rank:05d}", max_shard_bytes)
+    for name, tensor in iter_hf_tensors(model, table, pg_collection):
+        writer.add(name, tensor.to(dtype) if dtype is not None else tensor)
+        if progress is not None:
+            progress.update(1)
+    writer.flush()
+    maps: list = [None] * dist.get_world_size()
+    dist.all_gather_object(maps, (writer.files, writer.weight_map))
+    if rank == 0:
+        _finish(tmp, out, maps, hf_config, extra_files_from)
+    dist.barrier()
+    return out
+
+
+def _finish(tmp: Path, out: Path, maps, hf_config: dict, extra_files_from: Path | None) -> None:
+    files = [f for rank_files, _ in maps for f in rank_files]
+    renamed = {f: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
+    for old, new in renamed.items():
+        (tmp / old).rename(tmp / new)
+    weight_map = {name: renamed[f] for _, rank_map in maps for name, f in rank_map.items()}
+    total = sum((tmp / f).stat().st_size for f in renamed.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if extra_files_from is not None:
+        for name in TOKENIZER_FILES:
+            if (extra_files_from / name).exists():
+                shutil.copy2(extra_files_from / name, tmp / name)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)

@@ -1,0 +1,56 @@
+"""Megatron-Core distributed checkpoints (torch_dist) of a model, with the HF config beside them.
+
+A checkpoint folder holds Megatron's files plus ``hf_config.json`` (the source architecture,
+so exports and loads need no other input). Megatron stores every weight as its global tensor
+(experts and layers by global index), so a checkpoint written at one TP/PP/EP loads at any
+other. Writing goes to a temporary sibling folder renamed at the end: a crash never leaves a
+half checkpoint under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+HF_CONFIG_FILE = "hf_config.json"
+
+
+def save_model(model, out_dir: str | Path, hf_config: dict, *, force: bool = False) -> Path:
+    """Collective: every rank calls it with its share of the model."""
+    from megatron.core import dist_checkpointing
+
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.partial")
+    if dist.get_rank() == 0:
+        if out.exists() and not force:
+            raise FileExistsError(f"{out} exists; pass --force to replace it")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    dist.barrier()
+    return out
+
+
+def read_hf_config(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / HF_CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {ckpt_dir} is not a checkpoint written by megatron-sapo")
+    return json.loads(path.read_text())
+
+
+def load_model(model, ckpt_dir: str | Path) -> None:
+    """Collective: load this rank's share of ``model`` from a checkpoint of any layout."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    model.load_state_dict(state, strict=True)

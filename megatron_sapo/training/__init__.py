@@ -1,0 +1,1 @@
+"""Megatron-side training pieces: forward passes, (later) minibatch updates and checkpoints."""
