@@ -1,13 +1,16 @@
 """The `megatron-sapo` console script.
 
-Each subcommand lives in its own module and registers itself here; heavy imports happen only
-once a subcommand runs, so `megatron-sapo --help` stays fast.
+Each subcommand lives in its own module and registers itself here. Megatron and transformers
+are imported only once a subcommand runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from megatron_sapo.config import ConfigError
+from megatron_sapo.parallel.spawn import RankError
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
@@ -27,7 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the algorithm core on synthetic data (gates, gradients, gate-gap bound, vocab-parallel log-probs)",
     )
     check.set_defaults(func=_selfcheck)
+    from megatron_sapo.convert import commands, parity
+
+    commands.register(sub)
+    parity.register(sub)
     return parser
+
+
+# Errors that describe bad input (a file, a field, a shape): reported in one line, exit 2.
+USER_ERRORS = (ConfigError, FileExistsError, FileNotFoundError, KeyError, ValueError, RankError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"megatron-sapo {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,13 +18,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from megatron_sapo.convert.hf_checkpoint import INDEX_FILE
+from megatron_sapo.convert.hf_checkpoint import INDEX_FILE, copy_tokenizer_files
 from megatron_sapo.convert.load import RankLayout
 from megatron_sapo.convert.mapping import MappingTable
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "generation_config.json", "tokenizer.model")
-
 
 def _gather(shard: torch.Tensor, group) -> list[torch.Tensor]:
     size = dist.get_world_size(group)
@@ -63,6 +59,7 @@ class ShardWriter:
         self.pending_bytes = 0
         self.weight_map: dict[str, str] = {}
         self.files: list[str] = []
+        self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -70,6 +67,7 @@ class ShardWriter:
             self.flush()
         self.pending[name] = tensor.contiguous()
         self.pending_bytes += size
+        self.total_bytes += size
 
     def flush(self) -> None:
         if not self.pending:
@@ -101,7 +99,7 @@ def export_hf(model, table: MappingTable, pg_collection, out_dir: str | Path, hf
             progress.update(1)
     writer.flush()
     maps: list = [None] * dist.get_world_size()
-    dist.all_gather_object(maps, (writer.files, writer.weight_map))
+    dist.all_gather_object(maps, (writer.files, writer.weight_map, writer.total_bytes))
     if rank == 0:
         _finish(tmp, out, maps, hf_config, extra_files_from)
     dist.barrier()
@@ -109,19 +107,17 @@ def export_hf(model, table: MappingTable, pg_collection, out_dir: str | Path, hf
 
 
 def _finish(tmp: Path, out: Path, maps, hf_config: dict, extra_files_from: Path | None) -> None:
-    files = [f for rank_files, _ in maps for f in rank_files]
+    files = [f for rank_files, _, _ in maps for f in rank_files]
     renamed = {f: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
     for old, new in renamed.items():
         (tmp / old).rename(tmp / new)
-    weight_map = {name: renamed[f] for _, rank_map in maps for name, f in rank_map.items()}
-    total = sum((tmp / f).stat().st_size for f in renamed.values())
+    weight_map = {name: renamed[f] for _, rank_map, _ in maps for name, f in rank_map.items()}
+    total = sum(total_bytes for _, _, total_bytes in maps)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     if extra_files_from is not None:
-        for name in TOKENIZER_FILES:
-            if (extra_files_from / name).exists():
-                shutil.copy2(extra_files_from / name, tmp / name)
+        copy_tokenizer_files(extra_files_from, tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

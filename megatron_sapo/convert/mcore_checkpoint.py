@@ -15,11 +15,15 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_sapo.convert.hf_checkpoint import copy_tokenizer_files
+
 HF_CONFIG_FILE = "hf_config.json"
 
 
-def save_model(model, out_dir: str | Path, hf_config: dict, *, force: bool = False) -> Path:
-    """Collective: every rank calls it with its share of the model."""
+def save_model(model, out_dir: str | Path, hf_config: dict, *, force: bool = False,
+               extra_files_from: Path | None = None) -> Path:
+    """Collective: every rank calls it with its share of the model. Tokenizer files found in
+    ``extra_files_from`` are kept beside the weights, for the way back to HF."""
     from megatron.core import dist_checkpointing
 
     out = Path(out_dir)
@@ -34,6 +38,8 @@ def save_model(model, out_dir: str | Path, hf_config: dict, *, force: bool = Fal
     dist.barrier()
     if dist.get_rank() == 0:
         (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+        if extra_files_from is not None:
+            copy_tokenizer_files(Path(extra_files_from), tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -1,0 +1,104 @@
+"""HF config.json -> Megatron TransformerConfig for Qwen3-MoE."""
+
+import pytest
+import torch
+
+from megatron_sapo.config import ConfigError, ParallelConfig, RouterConfig
+from megatron_sapo.models import qwen3_moe
+from megatron_sapo.models.tiny import TINY_QWEN3_MOE
+
+pytestmark = pytest.mark.unit
+
+QWEN3_30B_A3B = dict(
+    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+    intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+    num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+    decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1000000.0,
+    max_position_embeddings=40960, tie_word_embeddings=False,
+)
+
+
+def test_qwen3_30b_a3b_fields():
+    spec = qwen3_moe.from_hf_config(QWEN3_30B_A3B, ParallelConfig(tp=4, ep=8))
+    c = spec.config
+    assert (c.num_layers, c.hidden_size, c.num_attention_heads, c.num_query_groups, c.kv_channels) == (48, 2048, 32, 4, 128)
+    assert (c.num_moe_experts, c.moe_router_topk, c.moe_ffn_hidden_size) == (128, 8, 768)
+    assert c.qk_layernorm and c.gated_linear_unit and c.normalization == "RMSNorm" and not c.add_bias_linear
+    assert c.moe_router_pre_softmax is False and c.moe_router_dtype == "fp32" and c.moe_router_fusion is False
+    assert c.moe_enable_routing_replay and c.moe_router_load_balancing_type == "none" and c.moe_aux_loss_coeff == 0
+    assert c.sequence_parallel and c.expert_tensor_parallel_size == 1
+    assert spec.rotary_base == 1e6 and spec.padded_vocab_size == 152064 and spec.vocab_size == 151936
+    assert spec.moe_layers == (True,) * 48
+
+
+def test_dense_layers_from_mlp_only_layers_and_sparse_step():
+    hf = {**TINY_QWEN3_MOE, "num_hidden_layers": 6, "mlp_only_layers": [4], "decoder_sparse_step": 2}
+    assert qwen3_moe.moe_layer_pattern(hf) == (False, True, False, True, False, True)
+    hf["mlp_only_layers"] = [3]
+    spec = qwen3_moe.from_hf_config(hf, ParallelConfig())
+    assert spec.config.moe_layer_freq == [0, 1, 0, 0, 0, 1]
+    assert spec.config.ffn_hidden_size == hf["intermediate_size"]
+
+
+def test_accepts_num_local_experts_head_dim_and_rope_parameters():
+    hf = {k: v for k, v in TINY_QWEN3_MOE.items() if k not in ("num_experts", "rope_theta")}
+    hf.update(num_local_experts=4, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    spec = qwen3_moe.from_hf_config(hf, ParallelConfig())
+    assert spec.config.num_moe_experts == 4 and spec.rotary_base == 5e5
+    assert spec.config.kv_channels == 20 != hf["hidden_size"] // hf["num_attention_heads"]
+
+
+def test_norm_topk_prob_false_routes_with_pre_softmax():
+    spec = qwen3_moe.from_hf_config({**TINY_QWEN3_MOE, "norm_topk_prob": False}, ParallelConfig())
+    assert spec.config.moe_router_pre_softmax is True
+
+
+def test_vocab_padding_follows_tp_and_remembers_true_size():
+    assert qwen3_moe.padded_vocab(301, 1, 128) == 384
+    assert qwen3_moe.padded_vocab(301, 2, 128) == 512
+    spec = qwen3_moe.from_hf_config(TINY_QWEN3_MOE, ParallelConfig(tp=2), vocab_divisor=8)
+    assert (spec.vocab_size, spec.padded_vocab_size) == (301, 304)
+
+
+def test_router_settings_are_configurable():
+    spec = qwen3_moe.from_hf_config(TINY_QWEN3_MOE, ParallelConfig(),
+                                    router=RouterConfig(aux_loss_coeff=1e-3, routing_replay=False))
+    c = spec.config
+    assert c.moe_router_load_balancing_type == "aux_loss" and c.moe_aux_loss_coeff == 1e-3
+    assert not c.moe_router_enable_expert_bias and not c.moe_enable_routing_replay
+    with pytest.raises(ConfigError, match="router.expert_bias needs a sigmoid-scored router"):
+        qwen3_moe.from_hf_config(TINY_QWEN3_MOE, ParallelConfig(), router=RouterConfig(expert_bias=True))
+
+
+def test_params_dtype():
+    spec = qwen3_moe.from_hf_config(TINY_QWEN3_MOE, ParallelConfig(), params_dtype=torch.bfloat16)
+    assert spec.config.params_dtype == torch.bfloat16 and spec.config.bf16
+
+
+@pytest.mark.parametrize(
+    "changes, parallel, message",
+    [
+        ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, {}, "unsupported architecture"),
+        ({"hidden_size": None}, {}, "'hidden_size'"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4}}, {}, "rope type 'yarn'"),
+        ({}, {"tp": 4}, "num_key_value_heads=2 is not divisible by parallel.tp=4"),
+        ({}, {"ep": 3}, "num_experts=4 is not divisible by parallel.ep=3"),
+    ],
+)
+def test_bad_configs_are_explained(changes, parallel, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        qwen3_moe.from_hf_config({**TINY_QWEN3_MOE, **changes}, ParallelConfig(**parallel))
+
+
+def test_weight_table_covers_both_layer_specs():
+    table = qwen3_moe.weight_table(qwen3_moe.from_hf_config(TINY_QWEN3_MOE, ParallelConfig()))
+    local = table.match("decoder.layers.3.mlp.experts.local_experts.2.linear_fc1.weight")
+    grouped = table.match("decoder.layers.3.mlp.experts.linear_fc1.weight2")
+    for m in (local, grouped):
+        assert (m.layer, m.expert) == (3, 2)
+        assert m.entry.hf_names(3, 2) == ("model.layers.3.mlp.experts.2.gate_proj.weight",
+                                          "model.layers.3.mlp.experts.2.up_proj.weight")
+    fused_norm = table.match("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight")
+    assert fused_norm.entry.hf_names(0, None) == ("model.layers.0.input_layernorm.weight",)
+    with pytest.raises(KeyError, match="no mapping"):
+        table.match("decoder.layers.0.mystery.weight")
