@@ -1,8 +1,8 @@
-"""`megatron-sapo convert hf-to-mcore | mcore-to-hf`: checkpoint conversion on spawned ranks.
+"""`megatron-sapo convert hf-to-mcore | mcore-to-hf`: streaming checkpoint conversion.
 
-Inputs are checked in the calling process (architecture, files, output folder) so mistakes
-are reported before any rank starts. Each rank builds its share of the Megatron model for the
-requested layout, so no process ever holds more than its shard plus the tensor in flight.
+Inputs are checked first (architecture, files, output folder, that the model splits the way
+it will run); the conversion itself streams one tensor at a time (see ``streaming.py``), so
+memory does not grow with the model. ``build_rank_model`` serves commands that do run ranks.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo.config import ConfigError, ParallelConfig
-from megatron_sapo.convert import mcore_checkpoint
-from megatron_sapo.convert.export import export_hf
+from megatron_sapo.convert import mcore_checkpoint, streaming
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
-from megatron_sapo.convert.load import load_hf_into_model
 from megatron_sapo.models import qwen3_moe
-from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
-from megatron_sapo.parallel.spawn import spawn, world_size_for
+from megatron_sapo.parallel.groups import initialize_model_parallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,10 +43,10 @@ def build_rank_model(hf_config: dict, parallel: ParallelConfig, dtype: torch.dty
     return model, spec, pg
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int | None, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tensor", disable=dist.get_rank() != 0, file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr)
 
 
 def _check_output(out: Path, force: bool) -> None:
@@ -61,22 +58,15 @@ def hf_to_mcore(args: argparse.Namespace) -> int:
     hf_dir, out = Path(args.hf), Path(args.out)
     hf_config = qwen3_moe.read_hf_config(hf_dir)
     qwen3_moe.check_architecture(hf_config, str(hf_dir / "config.json"))
-    HFCheckpoint(hf_dir)  # index and shard files present
+    checkpoint = HFCheckpoint(hf_dir)  # index and shard files present
     _check_output(out, args.force)
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep)
+    # The checkpoint is layout-free; the flags check that the model splits the way it will be run.
+    qwen3_moe.from_hf_config(hf_config, ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep))
     dtype = DTYPES[args.dtype] if args.dtype else hf_dtype(hf_config)
-    spawn(_hf_to_mcore_rank, world_size_for(parallel), hf_dir, out, hf_config, parallel, dtype, args.force)
-    print(f"wrote Megatron checkpoint {out} (written at tp={args.tp} pp={args.pp} ep={args.ep}; loads at any layout)")
+    with _progress(len(checkpoint.names()), "reading HF tensors") as bar:
+        streaming.hf_to_mcore(hf_dir, out, hf_config, dtype, force=args.force, progress=bar)
+    print(f"wrote Megatron checkpoint {out} (torch_dist; loads at any TP/PP/EP)")
     return 0
-
-
-def _hf_to_mcore_rank(hf_dir, out, hf_config, parallel, dtype, force):
-    model, spec, pg = build_rank_model(hf_config, parallel, dtype)
-    params = sum(1 for _ in model.named_parameters())
-    with _progress(params, "loading HF tensors (rank 0)") as bar:
-        load_hf_into_model(model, HFCheckpoint(hf_dir), qwen3_moe.weight_table(spec), pg, progress=bar)
-    mcore_checkpoint.save_model(model, out, hf_config, force=force, extra_files_from=hf_dir)
-    destroy_model_parallel()
 
 
 def mcore_to_hf(args: argparse.Namespace) -> int:
@@ -84,23 +74,12 @@ def mcore_to_hf(args: argparse.Namespace) -> int:
     hf_config = mcore_checkpoint.read_hf_config(ckpt)
     qwen3_moe.check_architecture(hf_config, str(ckpt / mcore_checkpoint.HF_CONFIG_FILE))
     _check_output(out, args.force)
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep)
     dtype = DTYPES[args.dtype] if args.dtype else hf_dtype(hf_config)
-    max_bytes = int(args.max_shard_size_gb * 2**30)
-    spawn(_mcore_to_hf_rank, world_size_for(parallel), ckpt, out, hf_config, parallel, dtype, max_bytes, args.force)
+    with _progress(None, "writing HF tensors") as bar:
+        streaming.mcore_to_hf(ckpt, out, hf_config, dtype, max_shard_bytes=int(args.max_shard_size_gb * 2**30),
+                              force=args.force, progress=bar)
     print(f"wrote Hugging Face checkpoint {out}")
     return 0
-
-
-def _mcore_to_hf_rank(ckpt, out, hf_config, parallel, dtype, max_bytes, force):
-    model, spec, pg = build_rank_model(hf_config, parallel, dtype)
-    mcore_checkpoint.load_model(model, ckpt)
-    table = qwen3_moe.weight_table(spec)
-    hf_tensors = sum(len(table.match(name).entry.hf) for name, _ in model.named_parameters())
-    with _progress(hf_tensors, "writing HF tensors (rank 0)") as bar:
-        export_hf(model, table, pg, out, hf_config, dtype=dtype, max_shard_bytes=max_bytes,
-                  extra_files_from=ckpt, force=force, progress=bar)
-    destroy_model_parallel()
 
 
 def register(sub) -> None:
@@ -111,7 +90,7 @@ def register(sub) -> None:
         "hf-to-mcore", help="HF Qwen3-MoE folder -> Megatron-Core distributed checkpoint (torch_dist)")
     to_mcore.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
     to_mcore.add_argument("--out", required=True, help="output checkpoint folder")
-    add_layout_args(to_mcore)
+    add_layout_args(to_mcore)  # checked against the model; the checkpoint itself loads at any layout
     to_mcore.add_argument("--dtype", choices=sorted(DTYPES), help="stored dtype (default: config.json's)")
     to_mcore.add_argument("--force", action="store_true", help="replace --out if it exists")
     to_mcore.set_defaults(func=hf_to_mcore)
@@ -119,7 +98,6 @@ def register(sub) -> None:
     to_hf = directions.add_parser("mcore-to-hf", help="Megatron-Core checkpoint -> HF folder (safetensors + index)")
     to_hf.add_argument("--mcore", required=True, help="checkpoint folder written by hf-to-mcore or training")
     to_hf.add_argument("--out", required=True, help="output Hugging Face folder")
-    add_layout_args(to_hf)
     to_hf.add_argument("--dtype", choices=sorted(DTYPES), help="written dtype (default: config.json's)")
     to_hf.add_argument("--max-shard-size-gb", type=float, default=5.0, help="largest safetensors file (default 5)")
     to_hf.add_argument("--force", action="store_true", help="replace --out if it exists")

@@ -101,12 +101,15 @@ def export_hf(model, table: MappingTable, pg_collection, out_dir: str | Path, hf
     maps: list = [None] * dist.get_world_size()
     dist.all_gather_object(maps, (writer.files, writer.weight_map, writer.total_bytes))
     if rank == 0:
-        _finish(tmp, out, maps, hf_config, extra_files_from)
+        finish_export(tmp, out, maps, hf_config, extra_files_from)
     dist.barrier()
     return out
 
 
-def _finish(tmp: Path, out: Path, maps, hf_config: dict, extra_files_from: Path | None) -> None:
+def finish_export(tmp: Path, out: Path, maps, hf_config: dict, extra_files_from: Path | None) -> None:
+    """Name the parts ``model-i-of-n``, write the index, config and tokenizer files, move into place.
+
+    ``maps``: per writer, ``(files, weight_map, total_bytes)``."""
     files = [f for rank_files, _, _ in maps for f in rank_files]
     renamed = {f: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
     for old, new in renamed.items():

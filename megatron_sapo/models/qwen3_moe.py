@@ -101,6 +101,8 @@ def from_hf_config(
         raise ConfigError(f"num_key_value_heads={kv_heads} is not divisible by parallel.tp={parallel.tp}")
     if any(moe_layers) and experts % parallel.ep:
         raise ConfigError(f"num_experts={experts} is not divisible by parallel.ep={parallel.ep}")
+    if hf["num_hidden_layers"] % parallel.pp:
+        raise ConfigError(f"num_hidden_layers={hf['num_hidden_layers']} is not divisible by parallel.pp={parallel.pp}")
     if router.expert_bias:
         raise ConfigError("router.expert_bias needs a sigmoid-scored router; Qwen3-MoE routes with softmax")
 

@@ -4,6 +4,8 @@ The tiny model has awkward sizes (head_dim != hidden/heads, hidden != 2 x expert
 dense layer among MoE layers, vocabulary 301 padded for TP) so that layout bugs cannot pass.
 """
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,22 @@ def test_checkpoint_saved_at_tp2_ep2_loads_at_tp1(layouts, tiny_hf, tmp_path_fac
     after = single.full_logits()
     assert (after - before).abs().max().item() <= 1e-5
     assert (after - reference_logits).abs().max().item() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def streamed_checkpoint(tiny_hf, tmp_path_factory):
+    """A checkpoint written by the streaming converter (the real command, on rank 0)."""
+    out = shared_dir(tmp_path_factory, "streamed") / "mcore"
+    if dist.get_rank() == 0:
+        subprocess.run([shutil.which("megatron-sapo"), "convert", "hf-to-mcore", "--hf", str(tiny_hf), "--out", str(out)],
+                       check=True, capture_output=True, timeout=300)
+    dist.barrier()
+    return out
+
+
+@pytest.mark.parametrize("tp, ep, pp", LAYOUTS, ids=LAYOUT_IDS)
+def test_streamed_checkpoint_loads_at_every_layout(layouts, tiny_hf, streamed_checkpoint, reference_logits,
+                                                   tp, ep, pp):
+    layout = layouts(tiny_hf, tp=tp, ep=ep, pp=pp)
+    load_model(layout.model, streamed_checkpoint)
+    assert (layout.full_logits() - reference_logits).abs().max().item() <= 1e-4

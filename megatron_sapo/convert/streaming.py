@@ -1,0 +1,256 @@
+"""Streaming conversion between HF safetensors and Megatron-Core torch_dist checkpoints.
+
+Megatron's torch_dist checkpoints are PyTorch distributed checkpoints (DCP) in which every key
+holds a *global* tensor, stored as chunks (one per layer tensor, per expert, per GLU half).
+That layout does not depend on how the model was split, so a checkpoint written as if from a
+single TP1/PP1/EP1 rank loads at any TP/PP/EP.
+
+Neither direction ever holds the model:
+
+* HF -> Megatron: the model is built on the ``meta`` device (no memory), and its own
+  ``sharded_state_dict()`` lists every key and chunk. DCP then writes the chunks one at a time,
+  asking our planner's ``resolve_data`` for each; it reads the HF tensors behind that chunk
+  and applies the table's transform. Peak memory: the chunk and its HF sources.
+* Megatron -> HF: keys are read one at a time with DCP (one global tensor, at most one layer's
+  experts) and turned into HF tensors written into size-capped safetensors files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+from megatron_sapo.config import ParallelConfig
+from megatron_sapo.convert.export import ShardWriter, finish_export
+from megatron_sapo.convert.hf_checkpoint import HFCheckpoint, copy_tokenizer_files
+from megatron_sapo.convert.mcore_checkpoint import HF_CONFIG_FILE
+from megatron_sapo.models import qwen3_moe
+
+MCORE_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                  "common_backend": "torch", "common_backend_version": 1}
+
+
+@contextmanager
+def single_rank_group():
+    """A private one-rank gloo group when none exists (Megatron modules need one to build)."""
+    if dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a checkpoint key: where it sits in the key's global tensor, and
+    which region of which model parameter it is."""
+
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    param: str
+    prepended: int  # leading axes (layer/expert) that are not the parameter's own
+
+    def param_region(self) -> tuple[slice, ...]:
+        own = zip(self.offsets[self.prepended:], self.sizes[self.prepended:])
+        return tuple(slice(o, o + s) for o, s in own)
+
+
+def meta_layout(hf_config: dict, dtype: torch.dtype):
+    """The model at TP1/PP1/EP1 on the meta device: its spec, its chunks, its sharded objects."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    from megatron_sapo.parallel.groups import initialize_model_parallel
+
+    parallel = ParallelConfig()
+    pg = initialize_model_parallel(parallel)
+    spec = qwen3_moe.from_hf_config(hf_config, parallel, params_dtype=dtype)
+    spec.config.perform_initialization = False
+    with torch.device("meta"):
+        model = qwen3_moe.build_model(spec, pg)
+    chunks, objects = [], []
+    for param_name, entry in model.sharded_state_dict().items():
+        for item in _flatten(entry):
+            if isinstance(item, ShardedObject):
+                objects.append(item)
+            elif isinstance(item, ShardedTensor):
+                # local_shape leaves out the prepended axes, where a chunk is one index wide.
+                sizes = (1,) * item.prepend_axis_num + tuple(item.local_shape)
+                chunks.append(Chunk(item.key, tuple(item.global_shape), tuple(item.global_offset), sizes,
+                                    param_name, item.prepend_axis_num))
+            else:
+                raise TypeError(f"{param_name}: unexpected sharded state dict entry {type(item).__name__}")
+    missing = {name for name, _ in model.named_parameters()} - {c.param for c in chunks}
+    if missing:
+        raise RuntimeError(f"Megatron's sharded state dict has no chunk for {sorted(missing)}")
+    return spec, chunks, objects
+
+
+def _flatten(entry):
+    """ShardedTensor / ShardedObject leaves of a state-dict entry (factories built, lists walked)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    if isinstance(entry, ShardedTensorFactory):
+        entry = entry.build()
+    if isinstance(entry, dict):
+        entry = list(entry.values())
+    if isinstance(entry, (list, tuple)):
+        return [leaf for item in entry for leaf in _flatten(item)]
+    return [entry]
+
+
+class _LazyHFPlanner(DefaultSavePlanner):
+    """Plans every chunk up front from metadata; produces each tensor only when DCP writes it."""
+
+    def __init__(self, chunks, objects, resolve_param, dtype):
+        super().__init__(dedup_replicated_tensors=False)
+        self._chunks = {MetadataIndex(c.key, torch.Size(c.offsets)): c for c in chunks}
+        self._objects = {o.unique_key: o for o in objects}
+        self._resolve_param = resolve_param
+        self._dtype = dtype
+        self._cached: tuple[str, torch.Tensor] | None = None
+
+    def create_local_plan(self) -> SavePlan:
+        properties = TensorProperties(dtype=self._dtype)
+        items = [
+            WriteItem(index=index, type=WriteItemType.SHARD, tensor_data=TensorWriteData(
+                chunk=ChunkStorageMetadata(offsets=torch.Size(c.offsets), sizes=torch.Size(c.sizes)),
+                properties=properties, size=torch.Size(c.global_shape)))
+            for index, c in self._chunks.items()
+        ]
+        items += [WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO) for key in self._objects]
+        self.plan = SavePlan(items, planner_data={})
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem):
+        if write_item.type == WriteItemType.BYTE_IO:
+            buffer = io.BytesIO()
+            # Megatron stores a list of the data of all objects sharing one unique key.
+            torch.save([self._objects[write_item.index.fqn].data], buffer)
+            buffer.seek(0)
+            return buffer
+        chunk = self._chunks[MetadataIndex(write_item.index.fqn, write_item.index.offset)]
+        if self._cached is None or self._cached[0] != chunk.param:
+            self._cached = (chunk.param, self._resolve_param(chunk.param))
+        return self._cached[1][chunk.param_region()].reshape(chunk.sizes).contiguous()
+
+
+def hf_to_mcore(hf_dir: Path, out: Path, hf_config: dict, dtype: torch.dtype, *, force: bool = False,
+                progress=None) -> Path:
+    """Write a torch_dist checkpoint of the HF model, one chunk in memory at a time."""
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    checkpoint = HFCheckpoint(hf_dir)
+    with single_rank_group():
+        spec, chunks, objects = meta_layout(hf_config, dtype)
+        table = qwen3_moe.weight_table(spec)
+
+        def resolve_param(name: str) -> torch.Tensor:
+            match = table.match(name)
+            tensors = tuple(checkpoint.get(n) for n in match.entry.hf_names(match.layer, match.expert))
+            if progress is not None:
+                progress.update(len(tensors))
+            return match.entry.transform.to_megatron(tensors).to(dtype)
+
+        tmp = out.with_name(f".{out.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        planner = _LazyHFPlanner(chunks, objects, _checked(resolve_param, chunks), dtype)
+        writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=True, thread_count=1)
+        try:
+            dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
+        except CheckpointException as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            exc, _trace = next(iter(err.failures.values()))
+            raise exc from None
+    torch.save({}, tmp / "common.pt")
+    (tmp / "metadata.json").write_text(json.dumps(MCORE_METADATA))
+    (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+    copy_tokenizer_files(hf_dir, tmp)
+    _replace(tmp, out)
+    return out
+
+
+def _checked(resolve_param, chunks):
+    """Wrap the resolver with a shape check naming the parameter and its HF sources."""
+    extents = {}
+    for c in chunks:
+        own = tuple(o + s for o, s in zip(c.offsets[c.prepended:], c.sizes[c.prepended:]))
+        extents[c.param] = tuple(max(a, b) for a, b in zip(extents.get(c.param, own), own))
+
+    def resolve(name):
+        tensor = resolve_param(name)
+        if tuple(tensor.shape) != extents[name]:
+            raise ValueError(f"{name}: the HF tensors give shape {tuple(tensor.shape)}, "
+                             f"config.json implies {extents[name]}")
+        return tensor
+
+    return resolve
+
+
+def mcore_to_hf(ckpt: Path, out: Path, hf_config: dict, dtype: torch.dtype, *, max_shard_bytes: int,
+                force: bool = False, progress=None) -> Path:
+    """Write the HF layout of a torch_dist checkpoint, one checkpoint key in memory at a time."""
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    with single_rank_group():
+        spec, chunks, _ = meta_layout(hf_config, dtype)
+    table = qwen3_moe.weight_table(spec)
+    by_param: dict[str, list[Chunk]] = {}
+    first_seen: dict[str, int] = {}
+    for c in chunks:
+        by_param.setdefault(c.param, []).append(c)
+        first_seen.setdefault(c.key, len(first_seen))
+    # All parameters stored under one key (e.g. a layer's experts) are read from one load.
+    ordered = sorted(by_param.items(), key=lambda item: first_seen[item[1][0].key])
+
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    writer = ShardWriter(tmp, "part", max_shard_bytes)
+    loaded: tuple[str, torch.Tensor] | None = None
+    for param, param_chunks in ordered:
+        key = param_chunks[0].key
+        if loaded is None or loaded[0] != key:
+            loaded = (key, _read_key(ckpt, key, param_chunks[0].global_shape, dtype))
+        full = loaded[1][tuple(slice(o, o + 1) for o in param_chunks[0].offsets[:param_chunks[0].prepended])]
+        full = full.reshape(full.shape[param_chunks[0].prepended:])
+        match = table.match(param)
+        for name, tensor in zip(match.entry.hf_names(match.layer, match.expert), match.entry.transform.to_hf(full)):
+            writer.add(name, tensor.to(dtype).clone())
+            if progress is not None:
+                progress.update(1)
+    writer.flush()
+    finish_export(tmp, out, [(writer.files, writer.weight_map, writer.total_bytes)], hf_config, ckpt)
+    return out
+
+
+def _read_key(ckpt: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    state = {key: torch.empty(shape, dtype=dtype)}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=True)
+    return state[key]
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
