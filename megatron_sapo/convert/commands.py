@@ -37,9 +37,11 @@ def hf_dtype(hf_config: dict) -> torch.dtype:
 
 
 def build_rank_model(hf_config: dict, parallel: ParallelConfig, dtype: torch.dtype):
+    """This rank's share of the model: TransformerEngine spec where CUDA and TE are present."""
     pg = initialize_model_parallel(parallel)
-    spec = qwen3_moe.from_hf_config(hf_config, parallel, params_dtype=dtype)
-    model = qwen3_moe.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp))
+    use_te = qwen3_moe.te_available()
+    spec = qwen3_moe.from_hf_config(hf_config, parallel, params_dtype=dtype, use_te=use_te)
+    model = qwen3_moe.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp), use_te=use_te)
     return model, spec, pg
 
 

@@ -1,7 +1,8 @@
 """`megatron-sapo parity`: the Megatron model against transformers on the same tokens.
 
 Spawns the ranks of the requested layout, loads the Megatron checkpoint, runs both models in
-fp32 on seeded random tokens and prints a JSON object whose last line holds
+the same dtype (fp32 by default; on the GPU when there is one) on seeded random tokens and
+prints a JSON object whose last line holds
 ``max_abs_logit_diff`` (over the true vocabulary) and the max difference of each layer's
 output hidden states (the last entry is after the final norm, as transformers reports it).
 """
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from megatron_sapo import torchvision_compat
 from megatron_sapo.config import ParallelConfig
 from megatron_sapo.convert import mcore_checkpoint
-from megatron_sapo.convert.commands import add_layout_args, build_rank_model
+from megatron_sapo.convert.commands import DTYPES, add_layout_args, build_rank_model
 from megatron_sapo.models import qwen3_moe
 from megatron_sapo.parallel.groups import destroy_model_parallel
 from megatron_sapo.parallel.spawn import spawn, world_size_for
@@ -38,7 +39,7 @@ def parity(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "parity.json"
         spawn(_parity_rank, world_size_for(parallel), hf_dir, ckpt, hf_config, parallel, args.seq_len, args.seed,
-              result_file)
+              DTYPES[args.dtype], result_file)
         report = json.loads(result_file.read_text())
     print(json.dumps(report))
     return 0
@@ -48,21 +49,22 @@ def _tokens(vocab: int, seq_len: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-def _parity_rank(hf_dir, ckpt, hf_config, parallel, seq_len, seed, result_file):
-    model, spec, pg = build_rank_model(hf_config, parallel, torch.float32)
+def _parity_rank(hf_dir, ckpt, hf_config, parallel, seq_len, seed, dtype, result_file):
+    model, spec, pg = build_rank_model(hf_config, parallel, dtype)
     mcore_checkpoint.load_model(model, ckpt)
-    tokens = _tokens(spec.vocab_size, seq_len, seed)
+    tokens = _tokens(spec.vocab_size, seq_len, seed).to(next(model.parameters()).device)
     hidden = _record_layer_outputs(model, pg)
     logits = forward_logits(model, tokens, pg)
     if logits is not None:
-        logits = _gather_vocab(logits, pg)[..., : spec.vocab_size]
+        logits = _gather_vocab(logits, pg)[..., : spec.vocab_size].float().cpu()
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (hidden, logits))
     if dist.get_rank() == 0:
         megatron_hidden = {k: v for part, _ in gathered for k, v in part.items()}
         megatron_logits = next(lg for _, lg in gathered if lg is not None)
-        report = _compare(hf_dir, tokens, megatron_logits, megatron_hidden)
-        report.update(tp=parallel.tp, pp=parallel.pp, ep=parallel.ep, tokens=seq_len)
+        report = _compare(hf_dir, tokens, megatron_logits, megatron_hidden, dtype)
+        report.update(tp=parallel.tp, pp=parallel.pp, ep=parallel.ep, tokens=seq_len, dtype=str(dtype).split(".")[-1],
+                      device=tokens.device.type)
         Path(result_file).write_text(json.dumps(report))
     destroy_model_parallel()
 
@@ -77,7 +79,8 @@ def _record_layer_outputs(model, pg) -> dict:
     def keep(key):
         def hook(module, inputs, output):
             tensor = output[0] if isinstance(output, tuple) else output
-            store[key] = _gather_sequence(tensor.detach(), pg, model.config.sequence_parallel).transpose(0, 1)
+            gathered = _gather_sequence(tensor.detach(), pg, model.config.sequence_parallel)
+            store[key] = gathered.transpose(0, 1).float().cpu()
         return hook
 
     for index, layer in enumerate(model.decoder.layers):
@@ -101,20 +104,20 @@ def _gather_vocab(logits, pg):
     return torch.cat(parts, dim=-1)
 
 
-def _compare(hf_dir, tokens, megatron_logits, megatron_hidden) -> dict:
+def _compare(hf_dir, tokens, megatron_logits, megatron_hidden, dtype) -> dict:
     torchvision_compat.ensure_importable()
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(tokens.device).eval()
     with torch.no_grad():
         out = reference(tokens, output_hidden_states=True)
     layers = sorted(k for k in megatron_hidden if isinstance(k, int))
     diffs = []
     for index in layers[:-1]:
-        diffs.append((megatron_hidden[index] - out.hidden_states[index + 1]).abs().max().item())
-    diffs.append((megatron_hidden["final_norm"] - out.hidden_states[-1]).abs().max().item())
+        diffs.append((megatron_hidden[index] - out.hidden_states[index + 1].float().cpu()).abs().max().item())
+    diffs.append((megatron_hidden["final_norm"] - out.hidden_states[-1].float().cpu()).abs().max().item())
     return {
-        "max_abs_logit_diff": (megatron_logits - out.logits).abs().max().item(),
+        "max_abs_logit_diff": (megatron_logits - out.logits.float().cpu()).abs().max().item(),
         "hidden_state_max_abs_diff": diffs,
     }
 
@@ -126,6 +129,7 @@ def register(sub) -> None:
     add_layout_args(p)
     p.add_argument("--seq-len", type=int, default=32, help="tokens in the test sequence (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random test tokens (default 0)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of both models (default float32)")
     p.set_defaults(func=parity)
 
 

@@ -85,6 +85,7 @@ def meta_layout(hf_config: dict, dtype: torch.dtype):
     pg = initialize_model_parallel(parallel)
     spec = qwen3_moe.from_hf_config(hf_config, parallel, params_dtype=dtype)
     spec.config.perform_initialization = False
+    spec.config.use_cpu_initialization = True  # the GPU path names device=cuda, escaping the meta context
     with torch.device("meta"):
         model = qwen3_moe.build_model(spec, pg)
     chunks, objects = [], []

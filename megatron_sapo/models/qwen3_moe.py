@@ -43,6 +43,13 @@ class Qwen3MoeSpec:
     moe_layers: tuple[bool, ...]
 
 
+def te_available() -> bool:
+    """Whether the TransformerEngine layer spec (grouped GEMM) can be used: CUDA and TE present."""
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
 def read_hf_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "config.json"
     try:
@@ -178,7 +185,7 @@ def build_model(spec: Qwen3MoeSpec, pg_collection, *, use_te: bool = False, pp_r
     pp_size = spec.config.pipeline_model_parallel_size
     layer_spec = get_gpt_decoder_block_spec(spec.config, use_transformer_engine=use_te, normalization="RMSNorm",
                                             pp_rank=pp_rank)
-    return GPTModel(
+    model = GPTModel(
         config=spec.config,
         transformer_layer_spec=layer_spec,
         vocab_size=spec.padded_vocab_size,
@@ -191,6 +198,11 @@ def build_model(spec: Qwen3MoeSpec, pg_collection, *, use_te: bool = False, pp_r
         rotary_base=int(spec.rotary_base),
         pg_collection=pg_collection,
     )
+    # Megatron creates some modules (the local spec's torch norms) on the CPU and leaves placement
+    # to the caller; a model built on the meta device stays there.
+    if torch.cuda.is_available() and any(p.device.type == "cpu" for p in model.parameters()):
+        model.cuda(torch.cuda.current_device())
+    return model
 
 
 def weight_table(spec: Qwen3MoeSpec) -> MappingTable:

@@ -6,8 +6,9 @@ name, and a few fused paths. Each patch below removes one such assumption; toget
 TP, EP, PP, SP, activation recompute, routing replay, the distributed optimizer and
 dist-checkpointing run on CPU ranks (each patch was shown necessary by removing it).
 
-``apply()`` is called explicitly, and only when CUDA is absent: on a GPU machine nothing here
-runs. Every patch names the Megatron attributes it replaces and checks they exist before
+``apply()`` is called explicitly. Each patch states when it is needed: most only when CUDA is
+absent; one (a Megatron-Core 0.16 bug) whenever TransformerEngine is absent, GPU or not. On a
+GPU machine with TransformerEngine nothing here runs. Every patch names the Megatron attributes it replaces and checks they exist before
 touching anything, so a Megatron-Core upgrade that moves one fails with the patch's name
 instead of misbehaving (``check_targets()`` is what the guard test runs).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ class Patch:
     targets: tuple[str, ...]  # "module:attribute" that must exist before patching
     apply: Callable[[], None]
     must_be_absent: tuple[str, ...] = ()  # attributes a fixed Megatron would define
+    needed_without: str = "cuda"  # "cuda": CPU-only machines; "transformer_engine": any machine lacking TE
 
 
 def _resolve(target: str):
@@ -251,7 +254,8 @@ PATCHES: tuple[Patch, ...] = (
           ("megatron.core.transformer.torch_norm:WrappedTorchNorm",), _patch_sequence_parallel_norm),
     Patch("router_gemm", "0.16 references te_general_gemm even without TransformerEngine (NameError)",
           ("megatron.core.transformer.moe.moe_utils:topk_routing_with_score_function",), _patch_router_gemm,
-          must_be_absent=("megatron.core.transformer.moe.moe_utils:te_general_gemm",)),
+          must_be_absent=("megatron.core.transformer.moe.moe_utils:te_general_gemm",),
+          needed_without="transformer_engine"),
     Patch("alltoall_split_sizes", "gloo's all_to_all_single needs split sizes as lists, not CPU tensors",
           ("megatron.core.transformer.moe.moe_utils:maybe_move_tensor_to_cpu",
            "megatron.core.transformer.moe.token_dispatcher:maybe_move_tensor_to_cpu"), _patch_alltoall_split_sizes),
@@ -279,15 +283,22 @@ def check_targets() -> dict[str, list[str]]:
     return problems
 
 
+def needed() -> list[Patch]:
+    """The patches this machine needs: CPU ones without CUDA, TE ones without TransformerEngine."""
+    missing = {"cuda": not torch.cuda.is_available(),
+               "transformer_engine": importlib.util.find_spec("transformer_engine") is None}
+    return [patch for patch in PATCHES if missing[patch.needed_without]]
+
+
 def apply() -> list[str]:
-    """Apply every patch once (no-op with CUDA available); return the names applied."""
-    if torch.cuda.is_available():
-        return []
-    broken = {name: issues for name, issues in check_targets().items() if issues}
-    if broken and not _applied:
+    """Apply each needed patch once; return the names applied so far."""
+    wanted = needed()
+    problems = check_targets()
+    broken = {p.name: problems[p.name] for p in wanted if problems[p.name]}
+    if broken:
         details = "; ".join(f"{name}: {', '.join(issues)}" for name, issues in broken.items())
-        raise CompatError(f"Megatron-Core CPU compatibility patches no longer fit the installed version: {details}")
-    for patch in PATCHES:
+        raise CompatError(f"Megatron-Core compatibility patches no longer fit the installed version: {details}")
+    for patch in wanted:
         if patch.name not in _applied:
             patch.apply()
             _applied.append(patch.name)
