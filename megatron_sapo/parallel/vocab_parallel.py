@@ -33,6 +33,7 @@ def vocab_parallel_logprobs(
     temperature: float = 1.0,
     entropy: bool = False,
     *,
+    vocab_size: int | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``targets`` under ``softmax(logits / temperature)``, vocabulary-parallel.
@@ -44,6 +45,9 @@ def vocab_parallel_logprobs(
         group: the tensor-parallel process group the vocabulary is split over.
         temperature: sampling temperature of the rollout; logits are divided by it.
         entropy: also return the per-token entropy of ``softmax(logits / temperature)``.
+        vocab_size: the true vocabulary size when the logits carry padding (Megatron pads the
+            vocabulary to a multiple of the TP size): columns at or beyond it take no
+            probability mass and get zero gradient. Default: every column is a token.
         chunk_size: tokens processed at a time (default: as many as fit in 64 MiB of fp32 on
             CPU, 512 MiB on GPU).
 
@@ -67,11 +71,14 @@ def vocab_parallel_logprobs(
         chunk_size = max(1, budget // (4 * max(1, logits.shape[-1])))
     elif chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1; got {vocab_size}")
 
     lead = logits.shape[:-1]
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_targets = targets.reshape(-1).long()
-    logp, ent = _VocabParallelLogProbs.apply(flat_logits, flat_targets, group, float(temperature), entropy, chunk_size)
+    logp, ent = _VocabParallelLogProbs.apply(flat_logits, flat_targets, group, float(temperature), entropy,
+                                             vocab_size, chunk_size)
     if entropy:
         return logp.view(lead), ent.view(lead)
     return logp.view(lead)
@@ -94,18 +101,24 @@ def _chunks(n: int, size: int):
 
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, group, temperature, want_entropy, chunk_size):
+    def forward(ctx, logits, targets, group, temperature, want_entropy, vocab_size, chunk_size):
         world = 1 if group is None else dist.get_world_size(group)
         rank = 0 if group is None else dist.get_rank(group)
         n, v_local = logits.shape
         vocab_start = rank * v_local
+        # Columns of real tokens on this rank; the rest is vocabulary padding.
+        valid = v_local if vocab_size is None else max(0, min(v_local, vocab_size - vocab_start))
+        tokens = logits[:, :valid]
 
         dtype = _compute_dtype(logits)
-        row_max = logits.amax(dim=-1).to(dtype).div_(temperature)
+        if valid:
+            row_max = tokens.amax(dim=-1).to(dtype).div_(temperature)
+        else:
+            row_max = torch.full((n,), float("-inf"), dtype=dtype, device=logits.device)
         if world > 1:
             dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
 
-        in_shard = (targets >= vocab_start) & (targets < vocab_start + v_local)
+        in_shard = (targets >= vocab_start) & (targets < vocab_start + valid)
         local_targets = torch.where(in_shard, targets - vocab_start, torch.zeros_like(targets))
         target_logit = logits.gather(-1, local_targets.unsqueeze(-1)).squeeze(-1).to(dtype).div_(temperature)
         target_z = torch.where(in_shard, target_logit - row_max, torch.zeros_like(row_max))
@@ -113,7 +126,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         stats = torch.zeros(3 if want_entropy else 2, n, dtype=dtype, device=logits.device)
         stats[1] = target_z
         for rows in _chunks(n, chunk_size):
-            z = _shifted_chunk(logits, rows, temperature, row_max)
+            z = _shifted_chunk(tokens, rows, temperature, row_max)
             e = torch.exp(z)
             stats[0, rows] = e.sum(-1)
             if want_entropy:
@@ -127,7 +140,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         ent = log_norm - stats[2] / stats[0] if want_entropy else None
 
         ctx.save_for_backward(logits, local_targets, in_shard, row_max, log_norm, ent if want_entropy else log_norm)
-        ctx.temperature, ctx.want_entropy, ctx.chunk_size = temperature, want_entropy, chunk_size
+        ctx.temperature, ctx.want_entropy, ctx.chunk_size, ctx.valid = temperature, want_entropy, chunk_size, valid
         if want_entropy:
             return logp, ent
         ctx.mark_non_differentiable(log_norm)
@@ -139,6 +152,9 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         logits, local_targets, in_shard, row_max, log_norm, ent = ctx.saved_tensors
         temperature = ctx.temperature
         grad_logits = torch.empty_like(logits)
+        valid = ctx.valid
+        grad_logits[:, valid:] = 0  # vocabulary padding
+        tokens, grad_tokens = logits[:, :valid], grad_logits[:, :valid]
         in_place = grad_logits.dtype == row_max.dtype  # softmax can be built inside the gradient
         # Per token: grad_j = (1/T) * ([j = target] g_logp - p_j (g_logp + g_H (log p_j + H))).
         # Written as p_j * (a + b log p_j) plus the target term, with the 1/T folded into a, b.
@@ -149,15 +165,15 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             a = a + b * ent
         target_grad = torch.where(in_shard, grad_logp, torch.zeros_like(grad_logp)) / temperature
         shift = row_max + log_norm
-        for rows in _chunks(logits.shape[0], ctx.chunk_size):
-            log_probs = _shifted_chunk(logits, rows, temperature, shift)
-            probs = torch.exp(log_probs, out=grad_logits[rows] if in_place else None)
+        for rows in _chunks(logits.shape[0] if valid else 0, ctx.chunk_size):  # all padding: zero gradient
+            log_probs = _shifted_chunk(tokens, rows, temperature, shift)
+            probs = torch.exp(log_probs, out=grad_tokens[rows] if in_place else None)
             if ctx.want_entropy:
                 probs.mul_(log_probs.mul_(b[rows].unsqueeze(-1)).add_(a[rows].unsqueeze(-1)))
             else:
                 probs.mul_(a[rows].unsqueeze(-1))
             probs.scatter_add_(-1, local_targets[rows].unsqueeze(-1), target_grad[rows].unsqueeze(-1))
             if not in_place:
-                grad_logits[rows] = probs
+                grad_tokens[rows] = probs
             del log_probs, probs
-        return grad_logits, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None

@@ -78,3 +78,19 @@ def test_ranks_return_identical_values(world):
     gathered = [torch.empty_like(logp) for _ in range(dist.get_world_size(world))]
     dist.all_gather(gathered, logp, group=world)
     assert all(torch.equal(gathered[0], g) for g in gathered)
+
+
+@pytest.mark.parametrize("true_vocab", [40, 25, 20])  # rank 1 holds 15, 0 and 0 real tokens
+def test_padded_vocabulary(world, true_vocab):
+    logits, targets, weights = full_problem(torch.float64, seed=4)
+    targets = targets % true_vocab
+    logits[..., true_vocab:] = 30.0  # padding rows hold garbage that must not count
+    ref_logp, ref_ent, ref_grad = reference(logits[..., :true_vocab], targets, weights, 0.9)
+    rank = dist.get_rank(world)
+    shard = logits[..., rank * 25:(rank + 1) * 25].clone().requires_grad_(True)
+    logp, ent = vocab_parallel_logprobs(shard, targets, world, 0.9, entropy=True, vocab_size=true_vocab)
+    (weights[0] * logp + weights[1] * ent).sum().backward()
+    torch.testing.assert_close(logp, ref_logp, rtol=0, atol=1e-10)
+    torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-10)
+    padded_grad = torch.cat([ref_grad, torch.zeros(*ref_grad.shape[:-1], VOCAB - true_vocab, dtype=ref_grad.dtype)], -1)
+    torch.testing.assert_close(shard.grad, padded_grad[..., rank * 25:(rank + 1) * 25], rtol=0, atol=1e-10)

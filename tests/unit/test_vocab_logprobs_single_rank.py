@@ -53,3 +53,20 @@ def test_bad_inputs():
         vocab_parallel_logprobs(logits, targets, temperature=0.0)
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         vocab_parallel_logprobs(logits, targets, chunk_size=0)
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+def test_padded_vocabulary_columns_are_excluded(entropy):
+    logits, targets = problem()
+    padded = torch.cat([logits, torch.full((4, 3, 7), 50.0, dtype=logits.dtype)], dim=-1).requires_grad_(True)
+    out = vocab_parallel_logprobs(padded, targets, temperature=0.8, entropy=True, vocab_size=33)
+    ref_logits = logits.clone().requires_grad_(True)
+    logsm = torch.log_softmax(ref_logits / 0.8, -1)
+    ref = (logsm.gather(-1, targets[..., None]).squeeze(-1), -(logsm.exp() * logsm).sum(-1))
+    torch.testing.assert_close(out[0], ref[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[1], ref[1], rtol=0, atol=1e-12)
+    weight = 0.5 if entropy else 0.0
+    (out[0].sum() + weight * out[1].sum()).backward()
+    (ref[0].sum() + weight * ref[1].sum()).backward()
+    torch.testing.assert_close(padded.grad[..., :33], ref_logits.grad, rtol=0, atol=1e-12)
+    assert torch.all(padded.grad[..., 33:] == 0)
