@@ -31,10 +31,6 @@ class WeightMap:
     group: ParallelGroup = "tp"
     """The group the split runs over: tensor parallel, or expert tensor parallel."""
 
-    @property
-    def is_expert(self) -> bool:
-        return "{expert}" in self.megatron
-
     def hf_names(self, layer: int | None, expert: int | None) -> tuple[str, ...]:
         return tuple(name.format(layer=layer, expert=expert) for name in self.hf)
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 
 from megatron_sapo import torchvision_compat
 from megatron_sapo.config import ParallelConfig
