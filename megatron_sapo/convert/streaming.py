@@ -93,12 +93,19 @@ class Chunk:
 
 def meta_layout(hf_config: dict, dtype: torch.dtype):
     """The model at TP1/PP1/EP1 on the meta device: its spec, its chunks, its sharded objects."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-
-    from megatron_sapo.parallel.groups import initialize_model_parallel
+    from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 
     parallel = ParallelConfig()
     pg = initialize_model_parallel(parallel)
+    try:
+        return _describe_model(hf_config, parallel, pg, dtype)
+    finally:
+        destroy_model_parallel()
+
+
+def _describe_model(hf_config: dict, parallel: ParallelConfig, pg, dtype: torch.dtype):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
     spec = qwen3_moe.from_hf_config(hf_config, parallel, params_dtype=dtype)
     spec.config.perform_initialization = False
     spec.config.use_cpu_initialization = True  # the GPU path names device=cuda, escaping the meta context
