@@ -47,18 +47,14 @@ print("PEAK_RSS_KB", next(l.split()[1] for l in open("/proc/self/status") if l.s
 
 def hf_tensor_shapes(hf_config: dict) -> dict[str, tuple[int, ...]]:
     """HF tensor names and shapes of a Qwen3-MoE config, derived from the weight table."""
-    from megatron_sapo.convert.streaming import meta_layout, single_rank_group
+    from megatron_sapo.convert.streaming import meta_layout, param_shapes, single_rank_group
     from megatron_sapo.models import qwen3_moe
 
     with single_rank_group():
         spec, chunks, _ = meta_layout(hf_config, torch.bfloat16)
     table = qwen3_moe.weight_table(spec)
-    extents: dict[str, tuple[int, ...]] = {}
-    for c in chunks:
-        own = tuple(o + s for o, s in zip(c.offsets[c.prepended:], c.sizes[c.prepended:]))
-        extents[c.param] = tuple(max(a, b) for a, b in zip(extents.get(c.param, own), own))
     shapes = {}
-    for param, shape in extents.items():
+    for param, shape in param_shapes(chunks).items():
         match = table.match(param)
         names = match.entry.hf_names(match.layer, match.expert)
         for name, tensor in zip(names, match.entry.transform.to_hf(torch.empty(shape, device="meta"))):

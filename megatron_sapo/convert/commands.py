@@ -2,7 +2,7 @@
 
 Inputs are checked first (architecture, files, output folder, that the model splits the way
 it will run); the conversion itself streams one tensor at a time (see ``streaming.py``), so
-memory does not grow with the model. ``build_rank_model`` serves commands that do run ranks.
+memory does not grow with the model.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megatron_sapo.config import ConfigError, ParallelConfig
 from megatron_sapo.convert import mcore_checkpoint, streaming
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
+from megatron_sapo.convert.output import check_target
 from megatron_sapo.models import qwen3_moe
-from megatron_sapo.parallel.groups import initialize_model_parallel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -36,24 +35,10 @@ def hf_dtype(hf_config: dict) -> torch.dtype:
     return DTYPES[name]
 
 
-def build_rank_model(hf_config: dict, parallel: ParallelConfig, dtype: torch.dtype):
-    """This rank's share of the model: TransformerEngine spec where CUDA and TE are present."""
-    pg = initialize_model_parallel(parallel)
-    use_te = qwen3_moe.te_available()
-    spec = qwen3_moe.from_hf_config(hf_config, parallel, params_dtype=dtype, use_te=use_te)
-    model = qwen3_moe.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp), use_te=use_te)
-    return model, spec, pg
-
-
 def _progress(total: int | None, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr)
-
-
-def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
 
 
 def hf_to_mcore(args: argparse.Namespace) -> int:
@@ -61,7 +46,7 @@ def hf_to_mcore(args: argparse.Namespace) -> int:
     hf_config = qwen3_moe.read_hf_config(hf_dir)
     qwen3_moe.check_architecture(hf_config, str(hf_dir / "config.json"))
     checkpoint = HFCheckpoint(hf_dir)  # index and shard files present
-    _check_output(out, args.force)
+    check_target(out, args.force)
     # The checkpoint is layout-free; the flags check that the model splits the way it will be run.
     qwen3_moe.from_hf_config(hf_config, ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep))
     dtype = DTYPES[args.dtype] if args.dtype else hf_dtype(hf_config)
@@ -75,7 +60,7 @@ def mcore_to_hf(args: argparse.Namespace) -> int:
     ckpt, out = Path(args.mcore), Path(args.out)
     hf_config = mcore_checkpoint.read_hf_config(ckpt)
     qwen3_moe.check_architecture(hf_config, str(ckpt / mcore_checkpoint.HF_CONFIG_FILE))
-    _check_output(out, args.force)
+    check_target(out, args.force)
     dtype = DTYPES[args.dtype] if args.dtype else hf_dtype(hf_config)
     with _progress(None, "writing HF tensors") as bar:
         streaming.mcore_to_hf(ckpt, out, hf_config, dtype, max_shard_bytes=int(args.max_shard_size_gb * 2**30),

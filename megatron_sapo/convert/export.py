@@ -10,7 +10,6 @@ merged. Memory: one gathered weight at a time plus one output shard being filled
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -21,14 +20,8 @@ from safetensors.torch import save_file
 from megatron_sapo.convert.hf_checkpoint import INDEX_FILE, copy_tokenizer_files
 from megatron_sapo.convert.load import RankLayout
 from megatron_sapo.convert.mapping import MappingTable
-
-def _gather(shard: torch.Tensor, group) -> list[torch.Tensor]:
-    size = dist.get_world_size(group)
-    if size == 1:
-        return [shard]
-    shards = [torch.empty_like(shard) for _ in range(size)]
-    dist.all_gather(shards, shard.contiguous(), group=group)
-    return shards
+from megatron_sapo.convert.output import check_target, partial_dir, partial_path, publish
+from megatron_sapo.parallel.collectives import all_gather_list
 
 
 @torch.no_grad()
@@ -40,7 +33,7 @@ def iter_hf_tensors(model, table: MappingTable, pg_collection) -> Iterator[tuple
     for name, param in model.named_parameters():
         match = table.match(name)
         expert = match.entry.group == "expert_tp"
-        shards = _gather(param.detach(), pg_collection.expt_tp if expert else pg_collection.tp)
+        shards = all_gather_list(param.detach(), pg_collection.expt_tp if expert else pg_collection.tp)
         split_rank, _ = layout.split_rank(match)
         owner = split_rank == 0 and (first_expert_dp if expert else first_dp)
         if not owner:
@@ -81,22 +74,16 @@ class ShardWriter:
 
 def export_hf(model, table: MappingTable, pg_collection, out_dir: str | Path, hf_config: dict, *,
               dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30, extra_files_from: Path | None = None,
-              force: bool = False, progress=None) -> Path:
+              force: bool = False) -> Path:
     """Collective: write the model in the Hub layout (sharded safetensors + index + config.json)."""
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.partial")
+    check_target(out, force)  # on every rank, so none waits at the barrier for a rank that raised
     rank = dist.get_rank()
-    if rank == 0:
-        if out.exists() and not force:
-            raise FileExistsError(f"{out} exists; pass --force to replace it")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    tmp = partial_dir(out) if rank == 0 else partial_path(out)
     dist.barrier()
     writer = ShardWriter(tmp, f"part-rank{rank:05d}", max_shard_bytes)
     for name, tensor in iter_hf_tensors(model, table, pg_collection):
         writer.add(name, tensor.to(dtype) if dtype is not None else tensor)
-        if progress is not None:
-            progress.update(1)
     writer.flush()
     maps: list = [None] * dist.get_world_size()
     dist.all_gather_object(maps, (writer.files, writer.weight_map, writer.total_bytes))
@@ -121,6 +108,4 @@ def finish_export(tmp: Path, out: Path, maps, hf_config: dict, extra_files_from:
     (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
     if extra_files_from is not None:
         copy_tokenizer_files(extra_files_from, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    publish(tmp, out)

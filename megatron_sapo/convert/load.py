@@ -59,10 +59,8 @@ class RankLayout:
 
 
 @torch.no_grad()
-def load_hf_into_model(model, checkpoint: HFCheckpoint, table: MappingTable, pg_collection, progress=None) -> None:
-    """Copy every parameter of ``model`` (this rank's share) from ``checkpoint``.
-
-    ``progress``, if given, is updated once per parameter (a tqdm bar, say)."""
+def load_hf_into_model(model, checkpoint: HFCheckpoint, table: MappingTable, pg_collection) -> None:
+    """Copy every parameter of ``model`` (this rank's share) from ``checkpoint``."""
     layout = RankLayout.of(model, pg_collection)
     for name, param in model.named_parameters():
         match = table.match(name)
@@ -75,5 +73,3 @@ def load_hf_into_model(model, checkpoint: HFCheckpoint, table: MappingTable, pg_
                 f"{name}: HF tensors {match.entry.hf_names(layer, expert)} give a shard of shape "
                 f"{tuple(shard.shape)}, the model expects {tuple(param.shape)}")
         param.copy_(shard)
-        if progress is not None:
-            progress.update(1)

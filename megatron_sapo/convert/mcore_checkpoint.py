@@ -10,12 +10,12 @@ half checkpoint under the final name.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 
 from megatron_sapo.convert.hf_checkpoint import copy_tokenizer_files
+from megatron_sapo.convert.output import check_target, partial_dir, partial_path, publish
 
 HF_CONFIG_FILE = "hf_config.json"
 
@@ -27,12 +27,8 @@ def save_model(model, out_dir: str | Path, hf_config: dict, *, force: bool = Fal
     from megatron.core import dist_checkpointing
 
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.partial")
-    if dist.get_rank() == 0:
-        if out.exists() and not force:
-            raise FileExistsError(f"{out} exists; pass --force to replace it")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    check_target(out, force)  # on every rank, so none waits at the barrier for a rank that raised
+    tmp = partial_dir(out) if dist.get_rank() == 0 else partial_path(out)
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
     dist.barrier()
@@ -40,9 +36,7 @@ def save_model(model, out_dir: str | Path, hf_config: dict, *, force: bool = Fal
         (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
         if extra_files_from is not None:
             copy_tokenizer_files(Path(extra_files_from), tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish(tmp, out)
     dist.barrier()
     return out
 

@@ -20,9 +20,10 @@ import torch.distributed as dist
 from megatron_sapo import torchvision_compat
 from megatron_sapo.config import ParallelConfig
 from megatron_sapo.convert import mcore_checkpoint
-from megatron_sapo.convert.commands import DTYPES, add_layout_args, build_rank_model
+from megatron_sapo.convert.commands import DTYPES, add_layout_args
 from megatron_sapo.models import qwen3_moe
-from megatron_sapo.parallel.groups import destroy_model_parallel
+from megatron_sapo.parallel.collectives import all_gather_cat
+from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.parallel.spawn import spawn, world_size_for
 from megatron_sapo.training.forward import forward_logits
 
@@ -49,14 +50,23 @@ def _tokens(vocab: int, seq_len: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
+def _build_rank_model(hf_config: dict, parallel: ParallelConfig, dtype: torch.dtype):
+    """This rank's share of the model: TransformerEngine spec where CUDA and TE are present."""
+    pg = initialize_model_parallel(parallel)
+    use_te = qwen3_moe.te_available()
+    spec = qwen3_moe.from_hf_config(hf_config, parallel, params_dtype=dtype, use_te=use_te)
+    model = qwen3_moe.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp), use_te=use_te)
+    return model, spec, pg
+
+
 def _parity_rank(hf_dir, ckpt, hf_config, parallel, seq_len, seed, dtype, result_file):
-    model, spec, pg = build_rank_model(hf_config, parallel, dtype)
+    model, spec, pg = _build_rank_model(hf_config, parallel, dtype)
     mcore_checkpoint.load_model(model, ckpt)
     tokens = _tokens(spec.vocab_size, seq_len, seed).to(next(model.parameters()).device)
     hidden = _record_layer_outputs(model, pg)
     logits = forward_logits(model, tokens, pg)
     if logits is not None:
-        logits = _gather_vocab(logits, pg)[..., : spec.vocab_size].float().cpu()
+        logits = all_gather_cat(logits, pg.tp, dim=-1)[..., : spec.vocab_size].float().cpu()
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (hidden, logits))
     if dist.get_rank() == 0:
@@ -78,9 +88,11 @@ def _record_layer_outputs(model, pg) -> dict:
 
     def keep(key):
         def hook(module, inputs, output):
-            tensor = output[0] if isinstance(output, tuple) else output
-            gathered = _gather_sequence(tensor.detach(), pg, model.config.sequence_parallel)
-            store[key] = gathered.transpose(0, 1).float().cpu()
+            tensor = (output[0] if isinstance(output, tuple) else output).detach()
+            # Under sequence parallelism each TP rank holds a slice of the sequence (dim 0).
+            if model.config.sequence_parallel:
+                tensor = all_gather_cat(tensor, pg.tp, dim=0)
+            store[key] = tensor.transpose(0, 1).float().cpu()
         return hook
 
     for index, layer in enumerate(model.decoder.layers):
@@ -88,20 +100,6 @@ def _record_layer_outputs(model, pg) -> dict:
     if model.decoder.final_layernorm is not None:
         model.decoder.final_layernorm.register_forward_hook(keep("final_norm"))
     return store
-
-
-def _gather_sequence(tensor, pg, sequence_parallel: bool):
-    if not sequence_parallel or dist.get_world_size(pg.tp) == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(pg.tp))]
-    dist.all_gather(parts, tensor.contiguous(), group=pg.tp)
-    return torch.cat(parts, dim=0)
-
-
-def _gather_vocab(logits, pg):
-    parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(pg.tp))]
-    dist.all_gather(parts, logits.contiguous(), group=pg.tp)
-    return torch.cat(parts, dim=-1)
 
 
 def _compare(hf_dir, tokens, megatron_logits, megatron_hidden, dtype) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import io
 import json
-import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from megatron_sapo.config import ParallelConfig
 from megatron_sapo.convert.export import ShardWriter, finish_export
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint, copy_tokenizer_files
 from megatron_sapo.convert.mcore_checkpoint import HF_CONFIG_FILE
+from megatron_sapo.convert.output import check_target, partial_dir, publish
 from megatron_sapo.models import qwen3_moe
 
 MCORE_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -181,8 +181,7 @@ class _LazyHFPlanner(DefaultSavePlanner):
 def hf_to_mcore(hf_dir: Path, out: Path, hf_config: dict, dtype: torch.dtype, *, force: bool = False,
                 progress=None) -> Path:
     """Write a torch_dist checkpoint of the HF model, one chunk in memory at a time."""
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    check_target(out, force)
     release_large_buffers_to_os()
     checkpoint = HFCheckpoint(hf_dir)
     with single_rank_group():
@@ -196,9 +195,7 @@ def hf_to_mcore(hf_dir: Path, out: Path, hf_config: dict, dtype: torch.dtype, *,
                 progress.update(len(tensors))
             return match.entry.transform.to_megatron(tensors).to(dtype)
 
-        tmp = out.with_name(f".{out.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = partial_dir(out)
         planner = _LazyHFPlanner(chunks, objects, _checked(resolve_param, chunks), dtype)
         writer = dcp.FileSystemWriter(str(tmp), single_file_per_rank=True, thread_count=1)
         try:
@@ -211,22 +208,28 @@ def hf_to_mcore(hf_dir: Path, out: Path, hf_config: dict, dtype: torch.dtype, *,
     (tmp / "metadata.json").write_text(json.dumps(MCORE_METADATA))
     (tmp / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
     copy_tokenizer_files(hf_dir, tmp)
-    _replace(tmp, out)
+    publish(tmp, out)
     return out
+
+
+def param_shapes(chunks: list[Chunk]) -> dict[str, tuple[int, ...]]:
+    """Each Megatron parameter's full (TP1/EP1) shape: the extent its chunks cover."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for c in chunks:
+        own = tuple(o + s for o, s in zip(c.offsets[c.prepended:], c.sizes[c.prepended:]))
+        shapes[c.param] = tuple(max(a, b) for a, b in zip(shapes.get(c.param, own), own))
+    return shapes
 
 
 def _checked(resolve_param, chunks):
     """Wrap the resolver with a shape check naming the parameter and its HF sources."""
-    extents = {}
-    for c in chunks:
-        own = tuple(o + s for o, s in zip(c.offsets[c.prepended:], c.sizes[c.prepended:]))
-        extents[c.param] = tuple(max(a, b) for a, b in zip(extents.get(c.param, own), own))
+    expected = param_shapes(chunks)
 
     def resolve(name):
         tensor = resolve_param(name)
-        if tuple(tensor.shape) != extents[name]:
+        if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{name}: the HF tensors give shape {tuple(tensor.shape)}, "
-                             f"config.json implies {extents[name]}")
+                             f"config.json implies {expected[name]}")
         return tensor
 
     return resolve
@@ -235,8 +238,7 @@ def _checked(resolve_param, chunks):
 def mcore_to_hf(ckpt: Path, out: Path, hf_config: dict, dtype: torch.dtype, *, max_shard_bytes: int,
                 force: bool = False, progress=None) -> Path:
     """Write the HF layout of a torch_dist checkpoint, one checkpoint key in memory at a time."""
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    check_target(out, force)
     release_large_buffers_to_os()
     with single_rank_group():
         spec, chunks, _ = meta_layout(hf_config, dtype)
@@ -249,9 +251,7 @@ def mcore_to_hf(ckpt: Path, out: Path, hf_config: dict, dtype: torch.dtype, *, m
     # All parameters stored under one key (e.g. a layer's experts) are read from one load.
     ordered = sorted(by_param.items(), key=lambda item: first_seen[item[1][0].key])
 
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(out)
     writer = ShardWriter(tmp, "part", max_shard_bytes)
     loaded: tuple[str, torch.Tensor] | None = None
     for param, param_chunks in ordered:
@@ -262,7 +262,8 @@ def mcore_to_hf(ckpt: Path, out: Path, hf_config: dict, dtype: torch.dtype, *, m
         full = full.reshape(full.shape[param_chunks[0].prepended:])
         match = table.match(param)
         for name, tensor in zip(match.entry.hf_names(match.layer, match.expert), match.entry.transform.to_hf(full)):
-            writer.add(name, tensor.to(dtype).clone())
+            # A copy, so the shard being filled never pins the whole key's tensor.
+            writer.add(name, tensor.to(dtype, copy=True))
             if progress is not None:
                 progress.update(1)
     writer.flush()
@@ -274,9 +275,3 @@ def _read_key(ckpt: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype) 
     state = {key: torch.empty(shape, dtype=dtype)}
     dcp.load(state, storage_reader=dcp.FileSystemReader(str(ckpt)), no_dist=True)
     return state[key]
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)

@@ -20,6 +20,7 @@ from megatron_sapo.convert.load import load_hf_into_model
 from megatron_sapo.convert.mcore_checkpoint import load_model, save_model
 from megatron_sapo.models import qwen3_moe
 from megatron_sapo.models.tiny import save_tiny_qwen3_moe
+from megatron_sapo.parallel.collectives import all_gather_cat
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.training.forward import forward_logits
 
@@ -77,9 +78,7 @@ class Layout:
         holder = torch.tensor([dist.get_rank() if local is not None else -1])
         dist.all_reduce(holder, op=dist.ReduceOp.MAX)
         if local is not None:
-            shards = [torch.empty_like(local) for _ in range(dist.get_world_size(self.pg.tp))]
-            dist.all_gather(shards, local.contiguous(), group=self.pg.tp)
-            local = torch.cat(shards, dim=-1)[..., : self.spec.vocab_size].contiguous()
+            local = all_gather_cat(local, self.pg.tp, dim=-1)[..., : self.spec.vocab_size].contiguous()
         else:
             local = torch.empty(2, SEQ, self.spec.vocab_size)
         dist.broadcast(local, src=int(holder.item()))
