@@ -163,3 +163,46 @@ class RouterConfig:
             raise ConfigError(f"router.aux_loss_coeff must be a number >= 0, got {self.aux_loss_coeff!r}")
         _check_positive("router.bias_update_rate", self.bias_update_rate)
         _check_choice("router.dtype", self.dtype, ("fp32", "fp64"))
+
+
+LR_DECAY_STYLES: tuple[str, ...] = ("constant", "linear", "cosine")
+
+
+@dataclass
+class OptimizerConfig:
+    """Adam with decoupled weight decay, gradient clipping and a learning-rate schedule."""
+
+    lr: float = 1e-6
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of a linear or cosine decay."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    adam_beta1: float = 0.9
+    """Adam first-moment decay."""
+    adam_beta2: float = 0.999
+    """Adam second-moment decay."""
+    adam_eps: float = 1e-8
+    """Adam denominator epsilon."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to ``lr``."""
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    """Schedule after warm-up."""
+
+    def __post_init__(self) -> None:
+        _check_positive("optimizer.lr", self.lr)
+        for key in ("min_lr", "weight_decay", "clip_grad", "adam_eps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"optimizer.{key} must be a number >= 0, got {value!r}")
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"optimizer.{key} must be in [0, 1), got {value!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"optimizer.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        _check_choice("optimizer.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optimizer.min_lr ({self.min_lr}) must not exceed optimizer.lr ({self.lr})")
