@@ -1,14 +1,28 @@
-"""Typed configuration sections.
+"""Typed configuration sections, and the TOML file of a training run that holds them.
 
 Each section is a dataclass with one docstring per field and its own validation, so an error
 names the offending key (``loss.tau_neg must be > 0``). Defaults live here and nowhere else.
+``RunConfig`` gathers the sections of one run (TOML tables of the same names) and checks what
+involves several of them; ``load_config`` reads a file plus ``--set section.key=value``
+overrides, rejecting unknown keys and wrong types with the file and key in the message;
+``dump_config`` writes a config back as TOML (a small writer: the standard library only reads
+TOML, and the values here are only strings, numbers, booleans and lists of them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import tomllib
+import types
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Union, get_args, get_origin, get_type_hints
+
+from megatron_sapo.data.rewards import get_reward
+from megatron_sapo.data.synthetic import get_task
 
 LossName = Literal["sapo", "grpo", "gspo"]
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum"]
@@ -206,3 +220,529 @@ class OptimizerConfig:
         _check_choice("optimizer.lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
         if self.min_lr > self.lr:
             raise ConfigError(f"optimizer.min_lr ({self.min_lr}) must not exceed optimizer.lr ({self.lr})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The sections of a training run, and the TOML file that holds them.
+# ----------------------------------------------------------------------------------------------
+
+# Models built from a config with no download (megatron_sapo.models.tiny); kept here as names so
+# that loading a config does not import torch.
+BUILTIN_MODELS: tuple[str, ...] = ("tiny-qwen3-moe",)
+PARAMS_DTYPES: tuple[str, ...] = ("fp32", "bf16")
+ROLLOUT_MODES: tuple[str, ...] = ("colocated", "disaggregated")
+WEIGHT_SYNC_METHODS: tuple[str, ...] = ("tensor", "distributed", "disk")
+ROUTING_REPLAY_MODES: tuple[str, ...] = ("none", "r2", "r3")
+
+
+def _check_int(key: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_optional_int(key: str, value: object, minimum: int) -> None:
+    if value is not None:
+        _check_int(key, value, minimum)
+
+
+def _check_bool(key: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def _check_text(key: str, value: object, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+
+
+def _check_server_address(key: str, value: object) -> None:
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"{key} must be \"host:port\" with a port in 1..65535, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The policy model: a Hugging Face checkpoint folder, or a built-in model made from a config."""
+
+    hf_dir: str | None = None
+    """Hugging Face checkpoint folder (config.json, safetensors, tokenizer)."""
+    builtin: str | None = None
+    """Name of a model built from a config with no download ("tiny-qwen3-moe"); it is saved,
+    with the tiny character tokenizer, into the run's output folder."""
+    params_dtype: Literal["fp32", "bf16"] = "bf16"
+    """Precision of the trained parameters ("fp32" for CPU demos, "bf16" on GPUs)."""
+
+    def __post_init__(self) -> None:
+        if (self.hf_dir is None) == (self.builtin is None):
+            raise ConfigError("model needs exactly one of model.hf_dir and model.builtin")
+        _check_text("model.hf_dir", self.hf_dir, optional=True)
+        if self.builtin is not None:
+            _check_choice("model.builtin", self.builtin, BUILTIN_MODELS)
+        _check_choice("model.params_dtype", self.params_dtype, PARAMS_DTYPES)
+
+
+@dataclass
+class RolloutConfig:
+    """How responses are sampled: SGLang servers, sampling parameters, weight synchronisation."""
+
+    mode: Literal["colocated", "disaggregated"] = "colocated"
+    """"colocated": the trainer starts its own SGLang servers on the training machines;
+    "disaggregated": servers already run elsewhere, listed in ``servers``."""
+    servers: list[str] = dataclasses.field(default_factory=list)
+    """Addresses ("host:port") of running SGLang servers; required iff mode is "disaggregated"."""
+    num_servers: int = 1
+    """SGLang servers the trainer starts in colocated mode."""
+    server_tp: int = 1
+    """Tensor-parallel size of each colocated SGLang server."""
+    group_size: int = 8
+    """G: responses sampled per prompt; advantages are normalised within these groups."""
+    prompts_per_step: int = 32
+    """Prompts per RL step (the rollout batch holds prompts_per_step * group_size responses)."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer's log-probs use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0: the full distribution, as the policy gradient assumes)."""
+    max_new_tokens: int = 1024
+    """Longest response; longer ones are cut and finish with reason "length"."""
+    sampling_seed: int | None = None
+    """Base seed of sampling; each response's seed is derived from it, the step and the sample's
+    index, so a rerun samples the same responses. Unset: unseeded sampling."""
+    weight_sync: Literal["tensor", "distributed", "disk"] = "tensor"
+    """How new weights reach the servers: serialised tensors over HTTP ("tensor"), a broadcast
+    in a process group shared with the servers ("distributed"), or a saved checkpoint ("disk")."""
+    bucket_mb: int = 512
+    """Size of each weight-sync bucket in MiB (larger: fewer requests, more memory)."""
+    server_args: list[str] = dataclasses.field(default_factory=list)
+    """Extra command-line arguments for colocated SGLang servers (e.g. ["--mem-fraction-static", "0.5"])."""
+    startup_timeout_s: float = 600.0
+    """Seconds to wait for a server to become healthy."""
+    request_timeout_s: float = 600.0
+    """Seconds before one generate or weight-update request is abandoned."""
+    max_retries: int = 3
+    """Retries of a failed request before the step fails."""
+
+    def __post_init__(self) -> None:
+        _check_choice("rollout.mode", self.mode, ROLLOUT_MODES)
+        if not isinstance(self.servers, list):
+            raise ConfigError(f"rollout.servers must be a list of \"host:port\" strings, got {self.servers!r}")
+        for i, address in enumerate(self.servers):
+            _check_server_address(f"rollout.servers[{i}]", address)
+        if self.mode == "disaggregated" and not self.servers:
+            raise ConfigError(
+                'rollout.servers must list at least one "host:port" when rollout.mode is "disaggregated"')
+        if self.mode == "colocated" and self.servers:
+            raise ConfigError('rollout.servers is only used when rollout.mode is "disaggregated"')
+        for key, minimum in (("num_servers", 1), ("server_tp", 1), ("group_size", 2), ("prompts_per_step", 1),
+                             ("max_new_tokens", 1), ("bucket_mb", 1), ("max_retries", 0)):
+            _check_int(f"rollout.{key}", getattr(self, key), minimum)
+        _check_optional_int("rollout.sampling_seed", self.sampling_seed, 0)
+        for key in ("temperature", "startup_timeout_s", "request_timeout_s"):
+            _check_positive(f"rollout.{key}", getattr(self, key))
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p!r}")
+        _check_choice("rollout.weight_sync", self.weight_sync, WEIGHT_SYNC_METHODS)
+        if not isinstance(self.server_args, list) or not all(isinstance(a, str) for a in self.server_args):
+            raise ConfigError(f"rollout.server_args must be a list of strings, got {self.server_args!r}")
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+
+@dataclass
+class TrainConfig:
+    """The RL loop: how many steps, how each rollout batch is split into updates, routing replay."""
+
+    steps: int = 100
+    """Total RL steps (one rollout batch each)."""
+    seed: int = 0
+    """Seed of parameter initialisation (built-in models) and of anything random in training."""
+    minibatches: int = 4
+    """Optimizer updates per rollout batch (paper: 4); only the first one is on-policy."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward pass on one data-parallel rank (gradient accumulation
+    fills the rest of a minibatch)."""
+    routing_replay: Literal["none", "r2", "r3"] = "none"
+    """MoE routing replay: "r2" replays the routes of the old-log-prob forward in the updates;
+    "r3" replays the routes the rollout engine returned (colocated servers are started with
+    --enable-return-routed-experts; disaggregated ones must have been)."""
+    max_seq_len: int = 2048
+    """Longest prompt + response the trainer accepts (>= data.max_prompt_tokens + rollout.max_new_tokens)."""
+    out_dir: str | None = None
+    """Folder of this run's checkpoints, TensorBoard events and resolved config. Unset:
+    ``runs/<config file name without .toml>``, filled in by ``load_config``."""
+    sft_steps: int = 0
+    """Supervised cold-start steps before RL on the worked pairs of the synthetic task's "sft"
+    split (0: none)."""
+    sft_batch_size: int = 64
+    """Prompt-completion pairs per cold-start step."""
+    sft_lr: float | None = None
+    """Learning rate of the cold start; unset: optimizer.lr."""
+
+    def __post_init__(self) -> None:
+        for key, minimum in (("steps", 1), ("seed", 0), ("minibatches", 1), ("micro_batch_size", 1),
+                             ("max_seq_len", 2), ("sft_steps", 0), ("sft_batch_size", 1)):
+            _check_int(f"train.{key}", getattr(self, key), minimum)
+        _check_choice("train.routing_replay", self.routing_replay, ROUTING_REPLAY_MODES)
+        _check_text("train.out_dir", self.out_dir, optional=True)
+        if self.sft_lr is not None:
+            _check_positive("train.sft_lr", self.sft_lr)
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from and how responses are scored."""
+
+    train_path: str | None = None
+    """Training prompts: a .jsonl file (one JSON object per line) or a .parquet file."""
+    val_path: str | None = None
+    """Validation prompts for evaluation, same format (optional)."""
+    task: str | None = None
+    """A built-in synthetic task (megatron_sapo.data.synthetic) instead of files; it has its own
+    train and validation splits."""
+    prompt_key: str = "prompt"
+    """Field holding the prompt: a string (sent as one user message) or a list of
+    {role, content} messages. Dots reach into nested objects ("extra.question")."""
+    answer_key: str = "answer"
+    """Field holding the reference answer (a string or a number) given to the reward function."""
+    system_prompt: str | None = None
+    """System message placed before every prompt (prompts that carry their own are refused)."""
+    reward: str | None = None
+    """Reward function by registry name ("math", "exact_match", ...). Unset: the synthetic
+    task's own verifier when ``task`` is set, else "math"."""
+    reward_timeout_s: float = 10.0
+    """Seconds one reward call may take; slower calls score 0 and are counted."""
+    shuffle: bool = True
+    """Reshuffle the training prompts every epoch."""
+    seed: int = 0
+    """Seed of the prompt order (epoch e uses a permutation drawn from (seed, e)) and of the
+    synthetic task's problems."""
+    max_prompt_tokens: int = 1024
+    """Prompts longer than this after the chat template are left out (and counted)."""
+
+    def __post_init__(self) -> None:
+        if (self.train_path is None) == (self.task is None):
+            raise ConfigError("data needs exactly one of data.train_path and data.task")
+        if self.task is not None and self.val_path is not None:
+            raise ConfigError(
+                "data.val_path is only used with data.train_path; a data.task has its own validation split")
+        for key in ("train_path", "val_path", "task", "system_prompt", "reward"):
+            _check_text(f"data.{key}", getattr(self, key), optional=True)
+        for key in ("prompt_key", "answer_key"):
+            _check_text(f"data.{key}", getattr(self, key))
+        _check_positive("data.reward_timeout_s", self.reward_timeout_s)
+        _check_bool("data.shuffle", self.shuffle)
+        _check_int("data.seed", self.seed, 0)
+        _check_int("data.max_prompt_tokens", self.max_prompt_tokens, 1)
+        # Names are checked against the registries now rather than when the run reaches them;
+        # a custom reward must therefore be registered before its config is built.
+        for key, lookup, name in (("data.task", get_task, self.task), ("data.reward", get_reward, self.reward)):
+            try:
+                if name is not None:
+                    lookup(name)
+            except ValueError as err:
+                raise ConfigError(f"{key}: {err}") from None
+
+    @property
+    def has_validation(self) -> bool:
+        return self.task is not None or self.val_path is not None
+
+    @property
+    def reward_name(self) -> str:
+        """The reward function in use: ``reward``, else the task's verifier, else "math"."""
+        if self.reward is not None:
+            return self.reward
+        return get_task(self.task).reward if self.task is not None else "math"
+
+
+@dataclass
+class EvalConfig:
+    """Periodic evaluation: Pass@1 estimated as avg@k over the validation prompts."""
+
+    every: int = 0
+    """Evaluate every this many RL steps (and after the last one); 0 disables evaluation."""
+    samples_per_problem: int = 16
+    """k of avg@k: responses sampled per validation problem."""
+    max_problems: int | None = None
+    """Use only the first this many validation problems; unset: all."""
+    temperature: float = 1.0
+    """Sampling temperature of evaluation."""
+    max_new_tokens: int | None = None
+    """Longest evaluation response; unset: rollout.max_new_tokens."""
+
+    def __post_init__(self) -> None:
+        _check_int("eval.every", self.every, 0)
+        _check_int("eval.samples_per_problem", self.samples_per_problem, 1)
+        _check_optional_int("eval.max_problems", self.max_problems, 1)
+        _check_positive("eval.temperature", self.temperature)
+        _check_optional_int("eval.max_new_tokens", self.max_new_tokens, 1)
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and loading Megatron checkpoints of the policy, optimizer and data cursor."""
+
+    save_every: int = 0
+    """Save every this many RL steps; 0: only at the end of the run."""
+    keep_last: int = 2
+    """Checkpoints kept in the output folder; older ones are deleted."""
+    load_dir: str | None = None
+    """Megatron checkpoint to initialise the policy from (instead of the model's own weights)."""
+
+    def __post_init__(self) -> None:
+        _check_int("checkpoint.save_every", self.save_every, 0)
+        _check_int("checkpoint.keep_last", self.keep_last, 1)
+        _check_text("checkpoint.load_dir", self.load_dir, optional=True)
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics: TensorBoard events and console lines."""
+
+    tensorboard: bool = True
+    """Write TensorBoard events under <out_dir>/tensorboard."""
+    histogram_every: int = 10
+    """Log histograms of token ratios and gate diagnostics every this many steps (0: never)."""
+    console_every: int = 1
+    """Print a one-line summary every this many steps."""
+
+    def __post_init__(self) -> None:
+        _check_bool("logging.tensorboard", self.tensorboard)
+        _check_int("logging.histogram_every", self.histogram_every, 0)
+        _check_int("logging.console_every", self.console_every, 1)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything one training run needs; each field is a TOML section of the same name."""
+
+    model: ModelConfig
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    data: DataConfig
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Checks that involve more than one section."""
+        samples, minibatches = self.rollout.samples_per_step, self.train.minibatches
+        if samples % minibatches:
+            raise ConfigError(
+                f"rollout.prompts_per_step * rollout.group_size = {samples} is not divisible by "
+                f"train.minibatches = {minibatches}")
+        if self.train.routing_replay != "none" and not self.router.routing_replay:
+            raise ConfigError(f"train.routing_replay = {self.train.routing_replay!r} needs router.routing_replay = true")
+        longest = self.data.max_prompt_tokens + max(self.rollout.max_new_tokens, self.eval.max_new_tokens or 0)
+        if self.train.max_seq_len < longest:
+            raise ConfigError(
+                f"train.max_seq_len = {self.train.max_seq_len} is shorter than data.max_prompt_tokens + "
+                f"the longest response (rollout/eval max_new_tokens) = {longest}")
+        if self.eval.every and not self.data.has_validation:
+            raise ConfigError("eval.every > 0 needs validation prompts: set data.val_path or use a data.task")
+        if self.train.sft_steps and self.data.task is None:
+            raise ConfigError("train.sft_steps > 0 needs a data.task (the cold start uses its worked pairs)")
+
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data-parallel size at ``world_size`` ranks, checking that every step's prompts and
+        every minibatch split evenly over the data-parallel ranks."""
+        dp = self.parallel.data_parallel_size(world_size)
+        if self.rollout.prompts_per_step % dp:
+            raise ConfigError(
+                f"rollout.prompts_per_step = {self.rollout.prompts_per_step} is not divisible by the "
+                f"data-parallel size {dp} (world size {world_size})")
+        per_minibatch = self.rollout.samples_per_step // self.train.minibatches
+        if per_minibatch % dp:
+            raise ConfigError(
+                f"a minibatch of {per_minibatch} responses (prompts_per_step * group_size / minibatches) "
+                f"does not split over the data-parallel size {dp}")
+        return dp
+
+
+# ----------------------------------------------------------------------------------------------
+# TOML: load (with --set overrides), dump.
+#
+# Types come from the dataclass annotations, so a new field needs no loader change. TOML has no
+# null: an unset optional field is simply absent, which is also how dump_config writes it.
+# ----------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a run's TOML file and apply ``section.key=value`` overrides (``--set``) on top.
+
+    An override's value is parsed as a TOML value (``1.0``, ``true``, ``["a:1", "b:2"]``) and
+    otherwise taken as a bare string (``data.train_path=x.jsonl``). Errors name the file (or the
+    override) and the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    for item in overrides:
+        _apply_override(raw, item)
+    train = raw.setdefault("train", {})
+    if isinstance(train, dict):
+        train.setdefault("out_dir", str(Path("runs") / path.stem))
+    return config_from_dict(raw, source=f"{path} (with --set overrides)" if overrides else str(path))
+
+
+def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
+    """Build a RunConfig from parsed TOML tables; errors start with ``source``."""
+    for name in raw:
+        _check_known_section(source, name)
+    sections = {}
+    for name, cls in _section_types().items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {name} must be a [{name}] table, got {table!r}")
+        sections[name] = _build_section(source, name, cls, table)
+    try:
+        return RunConfig(**sections)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The config as TOML text that ``load_config`` reads back into an equal config."""
+    lines: list[str] = []
+    for name in _section_types():
+        section = getattr(cfg, name)
+        lines.append(f"[{name}]")
+        for field in dataclasses.fields(section):
+            value = getattr(section, field.name)
+            if value is not None:
+                lines.append(f"{field.name} = {_toml_value(f'{name}.{field.name}', value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _section_types() -> dict[str, type]:
+    hints = get_type_hints(RunConfig)
+    return {field.name: hints[field.name] for field in dataclasses.fields(RunConfig)}
+
+
+def _check_known_section(source: str, name: str) -> None:
+    sections = list(_section_types())
+    if name not in sections:
+        raise ConfigError(f"{source}: unknown section [{name}]{_did_you_mean(name, sections)}")
+
+
+def _check_known_key(source: str, section: str, key: str) -> None:
+    _check_known_section(source, section)
+    keys = [field.name for field in dataclasses.fields(_section_types()[section])]
+    if key not in keys:
+        raise ConfigError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, keys)}")
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(candidates)})"
+
+
+def _build_section(source: str, name: str, cls: type, table: dict):
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in table.items():
+        _check_known_key(source, name, key)
+        kwargs[key] = _coerce(f"{source}: {name}.{key}", value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _coerce(where: str, value: object, hint: object) -> object:
+    """``value`` checked against the field's annotation; ints become floats for float fields."""
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if get_origin(hint) in (Union, types.UnionType):
+        return _coerce(where, value, args[0])  # only `X | None` is used, and TOML has no null
+    if get_origin(hint) is Literal or hint is str:
+        ok = isinstance(value, str)
+    elif hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be {_describe(hint)}, got {value!r}")
+        return [_coerce(f"{where}[{i}]", item, args[0]) for i, item in enumerate(value)]
+    else:
+        raise TypeError(f"{where}: the loader has no rule for fields of type {hint}")
+    if not ok:
+        raise ConfigError(f"{where} must be {_describe(hint)}, got {value!r}")
+    return value
+
+
+_TYPE_NAMES = {str: ("a string", "strings"), bool: ("true or false", "booleans"), int: ("an integer", "integers"),
+               float: ("a number", "numbers")}
+
+
+def _describe(hint: object) -> str:
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    if get_origin(hint) is list:
+        return "a list of " + _TYPE_NAMES[get_args(hint)[0]][1]
+    return _TYPE_NAMES[hint][0]
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    source = f"--set {item}"
+    dotted, sep, text = item.partition("=")
+    section, dot, key = dotted.strip().partition(".")
+    if not (sep and dot and section and key) or "." in key:
+        raise ConfigError(f"{source}: expected section.key=value (e.g. loss.tau_neg=1.05)")
+    _check_known_key(source, section, key)
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    value = _coerce(f"{source}: {section}.{key}", value, get_type_hints(_section_types()[section])[key])
+    table = raw.setdefault(section, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: {section} is not a table in the config file")
+    table[key] = value
+
+
+def _toml_value(key: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(key, item) for item in value) + "]"
+    raise TypeError(f"{key}: cannot write a {type(value).__name__} to TOML")
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    out = []
+    for char in text:
+        if char in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[char])
+        elif ord(char) < 0x20 or ord(char) == 0x7F:  # other control characters must be escaped
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'

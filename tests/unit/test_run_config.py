@@ -1,0 +1,265 @@
+"""The run configuration: TOML loading, --set overrides, errors naming file and key, dump/load."""
+
+import math
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from megatron_sapo.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    RolloutConfig,
+    RouterConfig,
+    RunConfig,
+    TrainConfig,
+    dump_config,
+    load_config,
+)
+
+pytestmark = pytest.mark.unit
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "tiny_cpu"
+
+MINIMAL = """
+[model]
+hf_dir = "ckpt/qwen3"
+
+[data]
+train_path = "prompts.jsonl"
+"""
+
+
+def write(tmp_path, text, name="run.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_text(excinfo):
+    return str(excinfo.value)
+
+
+def test_minimal_file_takes_defaults_and_names_the_output_folder_after_the_file(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL, "my_run.toml"))
+    assert cfg.model == ModelConfig(hf_dir="ckpt/qwen3")
+    assert cfg.rollout == RolloutConfig() and cfg.loss == LossConfig() and cfg.eval == EvalConfig()
+    assert cfg.train.out_dir == str(Path("runs") / "my_run")
+    assert cfg.data.train_path == "prompts.jsonl" and cfg.data.reward is None
+
+
+def test_examples_load_and_differ_only_in_loss_name_and_routing_replay():
+    tables = {}
+    for name in ("sapo", "gspo", "grpo_r2"):
+        cfg = load_config(EXAMPLES / f"{name}.toml")
+        assert cfg.model.builtin == "tiny-qwen3-moe" and cfg.model.params_dtype == "fp32"
+        assert cfg.parallel.tp == 2 and cfg.parallel.data_parallel_size(2) == 1
+        assert cfg.rollout.mode == "colocated" and cfg.rollout.group_size == 8
+        assert cfg.data.task is not None and cfg.train.minibatches == 4
+        assert cfg.data_parallel_size(2) == 1
+        tables[name] = tomllib.loads((EXAMPLES / f"{name}.toml").read_text())
+    assert tables["sapo"]["loss"] == {"name": "sapo"}
+    assert tables["gspo"]["loss"] == {"name": "gspo"}
+    assert tables["grpo_r2"]["loss"] == {"name": "grpo"}
+    assert tables["sapo"]["train"]["routing_replay"] == "none"
+    assert tables["grpo_r2"]["train"]["routing_replay"] == "r2"
+    for table in tables.values():
+        table.pop("loss")
+        table["train"].pop("routing_replay")
+    assert tables["gspo"] == tables["sapo"] and tables["grpo_r2"] == tables["sapo"]
+
+
+def test_overrides_parse_toml_values_or_fall_back_to_strings(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    cfg = load_config(path, [
+        "loss.tau_neg=1",                      # an integer for a float field becomes a float
+        "loss.name=grpo",                      # a bare word is a string
+        'rollout.mode="disaggregated"',
+        'rollout.servers=["a:1","b:2"]',
+        "data.train_path=other/x.jsonl",       # not TOML: taken as a string
+        "rollout.temperature=0.7",
+        "logging.tensorboard=false",
+        "rollout.sampling_seed=7",
+    ])
+    assert cfg.loss.tau_neg == 1.0 and isinstance(cfg.loss.tau_neg, float)
+    assert cfg.loss.name == "grpo" and cfg.loss.eps_low == 0.2
+    assert cfg.rollout.servers == ["a:1", "b:2"] and cfg.rollout.mode == "disaggregated"
+    assert cfg.data.train_path == "other/x.jsonl"
+    assert cfg.rollout.temperature == 0.7 and cfg.logging.tensorboard is False
+    assert cfg.rollout.sampling_seed == 7
+
+
+def test_unknown_keys_and_sections_name_the_file_and_suggest(tmp_path):
+    path = write(tmp_path, MINIMAL + "\n[rollout]\ngruop_size = 8\n", "x.toml")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    assert error_text(excinfo) == f"{path}: unknown key rollout.gruop_size (did you mean group_size?)"
+
+    path = write(tmp_path, MINIMAL + "\n[rollouts]\ngroup_size = 8\n", "y.toml")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: unknown section [rollouts] (did you mean rollout?)")):
+        load_config(path)
+
+    with pytest.raises(ConfigError, match=re.escape("--set loss.tau_nge=1: unknown key loss.tau_nge (did you mean tau_neg?)")):
+        load_config(write(tmp_path, MINIMAL), ["loss.tau_nge=1"])
+
+
+@pytest.mark.parametrize(
+    "section, line, message",
+    [
+        ("rollout", 'group_size = "8"', "rollout.group_size must be an integer, got '8'"),
+        ("rollout", "group_size = 8.0", "rollout.group_size must be an integer, got 8.0"),
+        ("rollout", "group_size = true", "rollout.group_size must be an integer, got True"),
+        ("loss", "tau_neg = true", "loss.tau_neg must be a number, got True"),
+        ("rollout", 'servers = "a:1"', "rollout.servers must be a list of strings, got 'a:1'"),
+        ("rollout", "servers = [1]", "rollout.servers[0] must be a string, got 1"),
+        ("logging", "tensorboard = 1", "logging.tensorboard must be true or false, got 1"),
+        ("loss", "name = 3", "loss.name must be one of 'sapo', 'grpo', 'gspo', got 3"),
+    ],
+)
+def test_wrong_types_name_the_file_and_key(tmp_path, section, line, message):
+    path = write(tmp_path, MINIMAL + f"\n[{section}]\n{line}\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    assert error_text(excinfo) == f"{path}: {message}"
+
+
+def test_out_of_range_values_name_the_file_and_key(tmp_path):
+    path = write(tmp_path, MINIMAL + "\n[rollout]\ngroup_size = 1\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    assert error_text(excinfo) == f"{path}: rollout.group_size must be an integer >= 2, got 1"
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write(tmp_path, MINIMAL), ["rollout.group_size=1"])
+    assert error_text(excinfo) == f"{tmp_path / 'run.toml'} (with --set overrides): rollout.group_size must be an integer >= 2, got 1"
+
+
+def test_bad_override_syntax_and_types_name_the_override(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    for item in ("loss.tau_neg", "tau_neg=1", "loss.x.y=1", "=1"):
+        with pytest.raises(ConfigError, match=re.escape(f"--set {item}: expected section.key=value")):
+            load_config(path, [item])
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, ["rollout.group_size=abc"])
+    assert error_text(excinfo) == "--set rollout.group_size=abc: rollout.group_size must be an integer, got 'abc'"
+
+
+def test_invalid_toml_and_missing_sections(tmp_path):
+    path = write(tmp_path, "[model\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: invalid TOML")):
+        load_config(path)
+    path = write(tmp_path, '[data]\ntrain_path = "p.jsonl"\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: model needs exactly one of model.hf_dir and model.builtin")):
+        load_config(path)
+    path = write(tmp_path, 'model = 3\n[data]\ntrain_path = "p.jsonl"\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: model must be a [model] table, got 3")):
+        load_config(path)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize("name", ["sapo", "gspo", "grpo_r2"])
+def test_examples_dump_and_load_back_equal(tmp_path, name):
+    cfg = load_config(EXAMPLES / f"{name}.toml")
+    again = load_config(write(tmp_path, dump_config(cfg), "dumped.toml"))
+    assert again == cfg
+
+
+def test_dump_round_trips_awkward_values(tmp_path):
+    cfg = RunConfig(
+        model=ModelConfig(hf_dir="C:\\models\\qwen \"30B\"", params_dtype="fp32"),
+        rollout=RolloutConfig(mode="disaggregated", servers=["10.0.0.1:30000", "node-2:30001"],
+                              server_args=["--chat-template", "a\tb\nc", "é ü 中", "\x01\x7f"],
+                              startup_timeout_s=math.inf, sampling_seed=0, top_p=0.95),
+        loss=LossConfig(name="gspo", eps_low=3e-4, eps_high=4e-4, dual_clip_c=3.0, tau_neg=1e-8),
+        data=DataConfig(train_path="d.parquet", val_path="v.jsonl", system_prompt='Say "hi"\\\n\r',
+                        reward="math", prompt_key="extra.question"),
+        eval=EvalConfig(every=5, max_problems=3, max_new_tokens=7),
+        train=TrainConfig(out_dir="runs/x", sft_lr=None),
+    )
+    text = dump_config(cfg)
+    assert "sft_lr" not in text and "load_dir" not in text  # unset fields are absent, not null
+    again = load_config(write(tmp_path, text, "awkward.toml"))
+    assert again == cfg
+    assert again.rollout.startup_timeout_s == math.inf
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: ModelConfig(), "model needs exactly one of model.hf_dir and model.builtin"),
+        (lambda: ModelConfig(hf_dir="a", builtin="tiny-qwen3-moe"), "model needs exactly one"),
+        (lambda: ModelConfig(builtin="gpt"), "model.builtin must be one of tiny-qwen3-moe; got 'gpt'"),
+        (lambda: ModelConfig(hf_dir="a", params_dtype="fp16"), "model.params_dtype must be one of fp32, bf16"),
+        (lambda: RolloutConfig(mode="disaggregated"), 'rollout.servers must list at least one "host:port"'),
+        (lambda: RolloutConfig(servers=["a:1"]), 'rollout.servers is only used when rollout.mode is "disaggregated"'),
+        (lambda: RolloutConfig(mode="disaggregated", servers=["a:1", "b"]), r"rollout.servers\[1\] must be"),
+        (lambda: RolloutConfig(mode="disaggregated", servers=["a:99999"]), r"rollout.servers\[0\] must be"),
+        (lambda: RolloutConfig(mode="remote"), "rollout.mode must be one of colocated, disaggregated"),
+        (lambda: RolloutConfig(group_size=1), "rollout.group_size must be an integer >= 2, got 1"),
+        (lambda: RolloutConfig(top_p=0.0), r"rollout.top_p must be in \(0, 1\]"),
+        (lambda: RolloutConfig(temperature=0), "rollout.temperature must be a number > 0"),
+        (lambda: RolloutConfig(weight_sync="nccl"), "rollout.weight_sync must be one of tensor, distributed, disk"),
+        (lambda: RolloutConfig(sampling_seed=-1), "rollout.sampling_seed must be an integer >= 0"),
+        (lambda: RolloutConfig(max_retries=-1), "rollout.max_retries must be an integer >= 0"),
+        (lambda: TrainConfig(routing_replay="r1"), "train.routing_replay must be one of none, r2, r3"),
+        (lambda: TrainConfig(minibatches=0), "train.minibatches must be an integer >= 1, got 0"),
+        (lambda: TrainConfig(sft_lr=0.0), "train.sft_lr must be a number > 0"),
+        (lambda: DataConfig(), "data needs exactly one of data.train_path and data.task"),
+        (lambda: DataConfig(train_path="a.jsonl", task="tiny-reverse"), "data needs exactly one"),
+        (lambda: DataConfig(task="tiny-reverse", val_path="v.jsonl"), "data.val_path is only used with data.train_path"),
+        (lambda: DataConfig(task="tiny-reverse", prompt_key=""), "data.prompt_key must be a non-empty string"),
+        (lambda: DataConfig(task="tiny-reverse", reward_timeout_s=0), "data.reward_timeout_s must be a number > 0"),
+        (lambda: DataConfig(task="tiny-reverse", reward="mth"), "data.reward: unknown reward 'mth'; registered: .*math"),
+        (lambda: DataConfig(task="sudoku"), "data.task: unknown synthetic task 'sudoku'; known: tiny-reverse"),
+        (lambda: EvalConfig(every=-1), "eval.every must be an integer >= 0"),
+        (lambda: EvalConfig(max_new_tokens=0), "eval.max_new_tokens must be an integer >= 1"),
+    ],
+)
+def test_section_validation_names_the_key(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def run(**sections):
+    base = dict(model=ModelConfig(builtin="tiny-qwen3-moe"), data=DataConfig(task="tiny-reverse"))
+    return RunConfig(**{**base, **sections})
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        (dict(rollout=RolloutConfig(prompts_per_step=3, group_size=3), train=TrainConfig(minibatches=4)),
+         "rollout.prompts_per_step \\* rollout.group_size = 9 is not divisible by train.minibatches = 4"),
+        (dict(train=TrainConfig(routing_replay="r2"), router=RouterConfig(routing_replay=False)),
+         "train.routing_replay = 'r2' needs router.routing_replay = true"),
+        (dict(train=TrainConfig(max_seq_len=100)), "train.max_seq_len = 100 is shorter than"),
+        (dict(eval=EvalConfig(max_new_tokens=4000)), "train.max_seq_len = 2048 is shorter than .* = 5024"),
+        (dict(data=DataConfig(train_path="p.jsonl"), eval=EvalConfig(every=1)),
+         "eval.every > 0 needs validation prompts"),
+        (dict(data=DataConfig(train_path="p.jsonl"), train=TrainConfig(sft_steps=3)), "train.sft_steps > 0 needs a data.task"),
+    ],
+)
+def test_cross_section_checks(sections, message):
+    with pytest.raises(ConfigError, match=message):
+        run(**sections)
+
+
+def test_reward_defaults_to_the_tasks_verifier_or_math():
+    assert DataConfig(task="tiny-reverse").reward_name == "exact_match"
+    assert DataConfig(train_path="p.jsonl").reward_name == "math"
+    assert DataConfig(task="tiny-reverse", reward="math").reward_name == "math"
+
+
+def test_data_parallel_size_checks_prompt_and_minibatch_splits():
+    cfg = run(rollout=RolloutConfig(prompts_per_step=6, group_size=4), train=TrainConfig(minibatches=2))
+    assert cfg.data_parallel_size(2) == 2
+    with pytest.raises(ConfigError, match="rollout.prompts_per_step = 6 is not divisible by the data-parallel size 4"):
+        cfg.data_parallel_size(4)
+    cfg = run(rollout=RolloutConfig(prompts_per_step=4, group_size=2), train=TrainConfig(minibatches=4))
+    with pytest.raises(ConfigError, match="a minibatch of 2 responses .* does not split over the data-parallel size 4"):
+        cfg.data_parallel_size(4)
+
