@@ -30,10 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the algorithm core on synthetic data (gates, gradients, gate-gap bound, vocab-parallel log-probs)",
     )
     check.set_defaults(func=_selfcheck)
+    from megatron_sapo.analysis import compare
     from megatron_sapo.convert import commands, parity
+    from megatron_sapo.rollout import server
 
     commands.register(sub)
     parity.register(sub)
+    server.register(sub)
+    compare.register(sub)
     return parser
 
 

@@ -3,6 +3,8 @@
 Sizes are deliberately awkward so that layout bugs cannot pass silently: head_dim differs
 from hidden/heads, hidden differs from 2 x expert width and from the expert width, one layer
 is dense among MoE layers, and the vocabulary is odd (not a multiple of any TP size).
+The expert width is 40, not smaller: grouped-GEMM kernels (torch's CPU one included) need bf16
+rows of a multiple of 16 bytes, so the model also runs in bf16 in transformers and SGLang.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ TINY_QWEN3_MOE = dict(
     vocab_size=301,
     hidden_size=48,
     intermediate_size=88,
-    moe_intermediate_size=20,
+    moe_intermediate_size=40,
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,

@@ -1,0 +1,189 @@
+"""Async RL client for SGLang's ``/generate``, spread over one or more servers.
+
+One request per sample, so every sample carries its own ``rid`` (for abort) and its own
+``sampling_seed`` (so a sample does not depend on which other requests share a batch, which
+is what makes rollouts reproducible across resumed runs). Each request goes to the server with
+the fewest requests in flight. A failed request (connection error, timeout, HTTP error,
+malformed or aborted output) is retried on another server after a backoff, up to
+``max_retries`` times; a caller-provided ``on_failure`` hook (the server manager) may restart
+a dead server meanwhile. When retries run out the whole call fails with :class:`RolloutError`:
+a batch is never silently short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import aiohttp
+
+from megatron_sapo.rollout.routed_experts import decode_routed_experts
+from megatron_sapo.types import Group, Prompt, Sample
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class RolloutError(RuntimeError):
+    """Generation failed after all retries, or a server's answer cannot be used."""
+
+
+class _BadOutput(ValueError):
+    """A server answered, but not with a usable sample (retried like a failure)."""
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    stop_token_ids: tuple[int, ...] = ()
+    """Extra tokens that end a response (the model's EOS always does)."""
+
+    def to_request(self, seed: int | None) -> dict:
+        params = {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+        if self.stop_token_ids:
+            params["stop_token_ids"] = list(self.stop_token_ids)
+        if seed is not None:
+            params["sampling_seed"] = seed
+        return params
+
+
+@dataclass
+class RoutedExperts:
+    """What the client needs to decode routed experts (R3)."""
+
+    moe_layers: tuple[bool, ...]
+    top_k: int
+
+
+class RolloutClient:
+    def __init__(self, urls: list[str], *, request_timeout_s: float = 600.0, max_retries: int = 3,
+                 backoff_s: float = 1.0, routed_experts: RoutedExperts | None = None,
+                 on_failure: Callable[[str], Awaitable[None] | None] | None = None) -> None:
+        if not urls:
+            raise ValueError("RolloutClient needs at least one server URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.request_timeout_s = request_timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.routed_experts = routed_experts
+        self.on_failure = on_failure
+        self.retries = 0
+        """Requests retried since the client was made (for metrics)."""
+        self._in_flight = dict.fromkeys(self.urls, 0)
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    def generate_groups(self, prompts: list[Prompt], group_size: int, sampling: SamplingParams,
+                        seeds: list[list[int | None]] | None = None, rid_prefix: str = "s") -> list[Group]:
+        """Sample ``group_size`` responses for every prompt (blocking wrapper)."""
+        return asyncio.run(self.agenerate_groups(prompts, group_size, sampling, seeds, rid_prefix))
+
+    async def agenerate_groups(self, prompts: list[Prompt], group_size: int, sampling: SamplingParams,
+                               seeds: list[list[int | None]] | None = None, rid_prefix: str = "s") -> list[Group]:
+        """``seeds[i][j]`` is the sampling seed of sample ``j`` of prompt ``i`` (None: unseeded)."""
+        if seeds is None:
+            seeds = [[None] * group_size for _ in prompts]
+        if len(seeds) != len(prompts) or any(len(s) != group_size for s in seeds):
+            raise ValueError(f"seeds must be [{len(prompts)} prompts][{group_size} samples]")
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            jobs = [self._sample(session, p.prompt_ids, sampling, seeds[i][j], f"{rid_prefix}-{p.index}-{j}")
+                    for i, p in enumerate(prompts) for j in range(group_size)]
+            samples = await asyncio.gather(*jobs)
+        return [Group(prompt=p, samples=list(samples[i * group_size:(i + 1) * group_size]))
+                for i, p in enumerate(prompts)]
+
+    async def _sample(self, session, prompt_ids: list[int], sampling: SamplingParams, seed: int | None,
+                      rid: str) -> Sample:
+        body = {"input_ids": list(prompt_ids), "sampling_params": sampling.to_request(seed), "rid": rid,
+                "return_logprob": True, "logprob_start_len": len(prompt_ids) - 1}
+        if self.routed_experts is not None:
+            body["return_routed_experts"] = True
+        failures = []
+        for attempt in range(self.max_retries + 1):
+            url = min(self.urls, key=lambda u: self._in_flight[u])
+            self._in_flight[url] += 1
+            try:
+                async with session.post(f"{url}/generate", json=body) as response:
+                    if response.status != 200:
+                        raise _BadOutput(f"HTTP {response.status}: {(await response.text())[:200]}")
+                    return self._parse(await response.json(), prompt_ids)
+            except (aiohttp.ClientError, asyncio.TimeoutError, _BadOutput) as err:
+                failures.append(f"{url}: {type(err).__name__}: {err}")
+                await self._report_failure(url)
+            finally:
+                self._in_flight[url] -= 1
+            if attempt < self.max_retries:
+                self.retries += 1
+                await asyncio.sleep(self.backoff_s * 2 ** attempt)
+                body["rid"] = f"{rid}-retry{attempt + 1}"
+        raise RolloutError(f"request {rid} failed {len(failures)} times: " + "; ".join(failures))
+
+    async def _report_failure(self, url: str) -> None:
+        if self.on_failure is not None:
+            result = self.on_failure(url)
+            if asyncio.iscoroutine(result):
+                await result
+
+    def _parse(self, out: dict, prompt_ids: list[int]) -> Sample:
+        try:
+            meta = out["meta_info"]
+            response_ids = [int(t) for t in out["output_ids"]]
+            token_logprobs = meta["output_token_logprobs"]
+            finish = meta["finish_reason"]["type"] if meta.get("finish_reason") else "abort"
+        except (KeyError, TypeError, ValueError) as err:
+            raise _BadOutput(f"malformed /generate answer ({type(err).__name__}: {err})") from None
+        if finish not in FINISH_REASONS:
+            raise _BadOutput(f"unknown finish reason {finish!r}")
+        if finish == "abort":
+            raise _BadOutput("generation was aborted")
+        logprobs = [entry[0] for entry in token_logprobs]
+        if len(logprobs) != len(response_ids) or [int(e[1]) for e in token_logprobs] != response_ids:
+            raise _BadOutput(f"{len(response_ids)} output tokens but log-probs for {len(logprobs)} "
+                             "(or for other tokens)")
+        if any(lp is None or not math.isfinite(lp) for lp in logprobs):
+            raise RolloutError("the server returned NaN or infinite log-probs: the served model computes "
+                               "non-finite logits (check its weights and dtype)")
+        routes = None
+        if self.routed_experts is not None:
+            if "routed_experts" not in meta or meta["routed_experts"] is None:
+                raise RolloutError("routed experts were requested but not returned: start the server with "
+                                   "--return-routed-experts")
+            routes = decode_routed_experts(meta["routed_experts"], num_tokens=len(prompt_ids) + len(response_ids) - 1,
+                                           moe_layers=self.routed_experts.moe_layers, top_k=self.routed_experts.top_k)
+        return Sample(prompt_ids=list(prompt_ids), response_ids=response_ids, rollout_logprobs=logprobs,
+                      finish_reason=finish, weight_version=meta.get("weight_version"), routed_experts=routes)
+
+    # ---- control ------------------------------------------------------------------------------
+
+    def pause_generation(self, mode: str = "abort") -> None:
+        """Stop generating on every server ("abort": drop requests in flight; "retract"/"in_place": keep)."""
+        self._post_all("/pause_generation", {"mode": mode})
+
+    def continue_generation(self) -> None:
+        self._post_all("/continue_generation", {})
+
+    def flush_cache(self) -> None:
+        self._post_all("/flush_cache", None)
+
+    def abort(self, rid: str | None = None) -> None:
+        """Abort one request by ``rid``, or all requests on every server."""
+        self._post_all("/abort_request", {"rid": rid} if rid else {"abort_all": True})
+
+    def weight_versions(self) -> dict[str, str]:
+        """The weight version each server reports."""
+        import requests
+
+        return {url: requests.get(f"{url}/model_info", timeout=30).json()["weight_version"]
+                for url in self.urls}
+
+    def _post_all(self, path: str, body: dict | None) -> None:
+        import requests
+
+        for url in self.urls:
+            response = requests.post(f"{url}{path}", json=body, timeout=self.request_timeout_s)
+            if response.status_code != 200:
+                raise RolloutError(f"{url}{path}: HTTP {response.status_code}: {response.text[:200]}")

@@ -1,0 +1,272 @@
+"""Megatron -> SGLang weight sync: gathered shards, HF names, bucketed pushes, weight versions.
+
+Every path starts from :func:`megatron_sapo.convert.export.iter_hf_tensors`, the converter's
+own walk of the model through the model's mapping table: each rank gathers its TP / expert-TP
+shards and yields the HF tensors it owns (exactly one rank owns each). Tensors are grouped into
+buckets of ``bucket_bytes`` and pushed by their owner, so no rank ever holds the whole model:
+
+- ``tensor`` (colocated): each bucket is pickled and posted to ``/update_weights_from_tensor``;
+  CUDA tensors travel as IPC handles (same machine; nothing copied), CPU tensors by value.
+- ``distributed``: each owner rank opens its own update group with the servers' ranks
+  (``/init_weights_update_group``; gloo on CPU, NCCL on GPUs), posts the bucket's names,
+  dtypes and shapes to ``/update_weights_from_distributed`` and broadcasts the tensors. Owners
+  may push concurrently; each server serves their requests one at a time.
+- ``disk``: the converter's exporter writes an HF checkpoint (each rank its part) and the
+  servers reload it with ``/update_weights_from_disk`` (shared storage; the fallback).
+
+Rank 0 brackets every sync with ``/begin_weight_update`` and ``/end_weight_update`` on every
+server, sets the new weight version, which SGLang then reports with every sample, and flushes
+the prefix cache (cached KV was computed by the old weights).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import io
+import pickle
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+import requests
+import torch
+import torch.distributed as dist
+
+from megatron_sapo import torchvision_compat
+from megatron_sapo.convert.export import export_hf, iter_hf_tensors
+from megatron_sapo.convert.mapping import MappingTable
+
+SyncPath = Literal["tensor", "distributed", "disk"]
+SYNC_PATHS = ("tensor", "distributed", "disk")
+
+
+class WeightSyncError(RuntimeError):
+    """A server refused or failed a weight update."""
+
+
+@dataclass
+class SyncStats:
+    """What one sync moved, for logs and benchmarks."""
+
+    bytes: int = 0
+    tensors: int = 0
+    buckets: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class ServerEndpoint:
+    url: str
+    tp: int = 1
+    """SGLang tensor-parallel size of that server (ranks it adds to an update group)."""
+
+
+def buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group ``(name, tensor)`` pairs into lists of at most ``bucket_bytes`` (a bigger tensor
+    travels alone)."""
+    bucket, size = [], 0
+    for name, tensor in named:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _post(url: str, path: str, body: dict | None, timeout: float) -> dict:
+    response = requests.post(f"{url}{path}", json=body, timeout=timeout)
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = {"message": response.text[:300]}
+    if response.status_code != 200 or (isinstance(payload, dict) and payload.get("success") is False):
+        raise WeightSyncError(f"{url}{path}: HTTP {response.status_code}: {payload.get('message', payload)}")
+    return payload
+
+
+def _serialize(named: list[tuple[str, torch.Tensor]]) -> str:
+    """SGLang's wire format for ``update_weights_from_tensor`` (a pickle, base64 encoded).
+
+    CUDA tensors are pickled by ForkingPickler as CUDA IPC handles: the server maps the
+    trainer's memory, nothing is copied. CPU tensors are pickled by value: sharing them would
+    need torch's shared-memory manager, a daemon that outlives the trainer's processes and keeps
+    their inherited pipes open, or a connection back to the trainer that the server cannot
+    authenticate."""
+    buffer = io.BytesIO()
+    if any(t.is_cuda for _, t in named):
+        ForkingPickler(buffer).dump(named)
+    else:
+        pickle.dump(named, buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@dataclass
+class WeightSync:
+    """Pushes the Megatron model's weights to SGLang servers. Every method is collective over
+    the trainer's ranks (all must call it)."""
+
+    model: object
+    table: MappingTable
+    pg_collection: object
+    servers: list[ServerEndpoint]
+    path: SyncPath = "tensor"
+    bucket_bytes: int = 512 * 2**20
+    dtype: torch.dtype | None = None
+    """Cast tensors to this dtype before sending (the served dtype); None: as trained."""
+    hf_config: dict | None = None
+    """config.json of the served model (the disk path writes it)."""
+    disk_dir: Path | None = None
+    """Where the disk path writes its checkpoint (shared by trainer and servers)."""
+    timeout_s: float = 600.0
+    master_address: str = "127.0.0.1"
+    master_port: int = 29600
+    """Base port of the update groups of the distributed path (trainer rank i uses base + i)."""
+    backend: str | None = None
+    """Update-group backend of the distributed path; None: nccl with CUDA, else gloo."""
+    _groups: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.path not in SYNC_PATHS:
+            raise ValueError(f"weight sync path must be one of {', '.join(SYNC_PATHS)}, got {self.path!r}")
+        if self.path == "disk" and (self.disk_dir is None or self.hf_config is None):
+            raise ValueError("the disk weight-sync path needs disk_dir and hf_config")
+
+    @property
+    def _rank(self) -> int:
+        return dist.get_rank()
+
+    def sync(self, version: str) -> SyncStats:
+        """Push the current weights and make the servers report ``version``."""
+        start = time.perf_counter()
+        if self._rank == 0:
+            for server in self.servers:
+                _post(server.url, "/begin_weight_update", {}, self.timeout_s)
+        dist.barrier()
+        try:
+            stats = getattr(self, f"_push_{self.path}")()
+        finally:
+            dist.barrier()
+            if self._rank == 0:
+                for server in self.servers:
+                    _post(server.url, "/end_weight_update", {}, self.timeout_s)
+        if self._rank == 0:
+            for server in self.servers:
+                _post(server.url, "/update_weight_version", {"new_version": version, "abort_all_requests": False},
+                      self.timeout_s)
+                _post(server.url, "/flush_cache", None, self.timeout_s)
+        dist.barrier()
+        totals = torch.tensor([stats.bytes, stats.tensors, stats.buckets], dtype=torch.float64)
+        dist.all_reduce(totals)
+        return SyncStats(bytes=int(totals[0]), tensors=int(totals[1]), buckets=int(totals[2]),
+                         seconds=time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Tear down the update groups this rank opened (distributed path)."""
+        for name, group in self._groups.items():
+            for server in self.servers:
+                _post(server.url, "/destroy_weights_update_group", {"group_name": name}, self.timeout_s)
+            dist.destroy_process_group(group)
+        self._groups.clear()
+
+    # ---- the three paths ------------------------------------------------------------------------
+
+    def _hf_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in iter_hf_tensors(self.model, self.table, self.pg_collection):
+            yield name, (tensor.to(self.dtype) if self.dtype is not None else tensor).contiguous()
+
+    def _push_tensor(self) -> SyncStats:
+        stats = SyncStats()
+        for bucket in buckets(self._hf_tensors(), self.bucket_bytes):
+            payload = _serialize(bucket)
+            for server in self.servers:
+                _post(server.url, "/update_weights_from_tensor",
+                      {"serialized_named_tensors": [payload] * server.tp, "flush_cache": False}, self.timeout_s)
+            _count(stats, bucket)
+        return stats
+
+    def _push_distributed(self) -> SyncStats:
+        stats = SyncStats()
+        # Every rank that owns tensors sends them through its own group, on its own port.
+        group_name = f"megatron-sapo-sync-{self._rank}"
+        for bucket in buckets(self._hf_tensors(), self.bucket_bytes):
+            group = self._groups.get(group_name) or self._open_group(group_name, self.master_port + self._rank)
+            self._broadcast_bucket(group, group_name, bucket)
+            _count(stats, bucket)
+        return stats
+
+    def _push_disk(self) -> SyncStats:
+        out = export_hf(self.model, self.table, self.pg_collection, self.disk_dir, self.hf_config,
+                        dtype=self.dtype, force=True)
+        stats = SyncStats()
+        if self._rank == 0:
+            for server in self.servers:
+                _post(server.url, "/update_weights_from_disk", {"model_path": str(out), "flush_cache": False},
+                      self.timeout_s)
+            stats.bytes = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+            stats.buckets = len(list(Path(out).glob("*.safetensors")))
+        return stats
+
+    # ---- distributed-path helpers ---------------------------------------------------------------
+
+    def _open_group(self, name: str, port: int):
+        """Create the update group between this rank (rank 0 in it) and every server's ranks."""
+        world = 1 + sum(s.tp for s in self.servers)
+        backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        replies: list = []
+
+        def ask_servers():
+            offset = 1
+            for server in self.servers:
+                replies.append(_post(server.url, "/init_weights_update_group", {
+                    "master_address": self.master_address, "master_port": port, "rank_offset": offset,
+                    "world_size": world, "group_name": name, "backend": backend}, self.timeout_s))
+                offset += server.tp
+
+        torchvision_compat.ensure_importable()  # sglang imports torchvision
+        from sglang.srt.utils.common import init_custom_process_group
+
+        asking = threading.Thread(target=ask_servers, daemon=True)
+        asking.start()
+        group = init_custom_process_group(
+            backend=backend, init_method=f"tcp://{self.master_address}:{port}", world_size=world, rank=0,
+            group_name=name, timeout=datetime.timedelta(seconds=self.timeout_s))
+        asking.join(self.timeout_s)
+        if asking.is_alive() or len(replies) != len(self.servers):
+            raise WeightSyncError(f"servers did not join weight-update group {name} (port {port})")
+        self._groups[name] = group
+        return group
+
+    def _broadcast_bucket(self, group, name: str, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        body = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket], "group_name": name, "flush_cache": False}
+        errors: list[Exception] = []
+
+        def request(server):
+            try:
+                _post(server.url, "/update_weights_from_distributed", body, self.timeout_s)
+            except Exception as err:  # reported after the broadcast, which the servers wait for
+                errors.append(err)
+
+        threads = [threading.Thread(target=request, args=(s,), daemon=True) for s in self.servers]
+        for thread in threads:
+            thread.start()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        for _, tensor in bucket:
+            dist.broadcast(tensor.to(device), group_src=0, group=group)
+        for thread in threads:
+            thread.join(self.timeout_s)
+        if errors:
+            raise WeightSyncError(str(errors[0]))
+
+
+def _count(stats: SyncStats, bucket: list[tuple[str, torch.Tensor]]) -> None:
+    stats.buckets += 1
+    stats.tensors += len(bucket)
+    stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
