@@ -32,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_selfcheck)
     from megatron_sapo.analysis import compare
     from megatron_sapo.convert import commands, parity
+    from megatron_sapo import train_command
     from megatron_sapo.rollout import server
 
+    train_command.register(sub)
     commands.register(sub)
     parity.register(sub)
     server.register(sub)

@@ -57,3 +57,14 @@ def save_tiny_qwen3_moe(out_dir: str | Path, seed: int = 0, dtype: torch.dtype =
     out = Path(out_dir)
     model.save_pretrained(out)
     return out
+
+
+def save_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """The CPU demo's model: the tiny Qwen3-MoE with no dense layer (SGLang serves Qwen3-MoE
+    layers as MoE only), fp32, saved with the tiny character tokenizer and its special tokens."""
+    from megatron_sapo.data.tiny_tokenizer import EOS_ID, PAD_ID, save_tiny_tokenizer
+
+    out = save_tiny_qwen3_moe(out_dir, seed=seed, dtype=torch.float32, mlp_only_layers=[],
+                              eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    save_tiny_tokenizer(out)
+    return out

@@ -1,0 +1,362 @@
+"""The RL loop: one step per rollout batch, in the paper's order.
+
+    prompts -> rollout (G samples each, SGLang) -> rewards -> group advantages
+    -> old log-probs (Megatron forward; routes recorded for R2)
+    -> k minibatch updates with the policy loss (SAPO | GRPO | GSPO)
+    -> weight sync to SGLang -> metrics -> evaluation -> checkpoint
+
+Every rank runs :func:`train`. Rank 0 also runs the rollout side (servers, client, prompt
+order, rewards) and broadcasts each step's batch; every rank then trains its part of the
+model. A run is reproducible: prompts follow a seeded order, each sample has its own sampling
+seed derived from (seed, step, prompt, sample), and checkpoints hold every RNG state, so a run
+resumed from step N continues exactly like a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_sapo.algo import gate_diagnostics, group_advantages
+from megatron_sapo.config import RunConfig, dump_config
+from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
+from megatron_sapo.rollout.client import RolloutClient, RoutedExperts, SamplingParams
+from megatron_sapo.rollout.weight_sync import ServerEndpoint, WeightSync
+from megatron_sapo.training.batch import build_train_batch
+from megatron_sapo.training.checkpoint import TrainerState, find_latest, load_checkpoint, save_checkpoint
+from megatron_sapo.training.logprobs import compute_logprobs
+from megatron_sapo.training.routing_replay import RoutingReplay
+from megatron_sapo.training.setup import Policy, build_policy, prepare_start_model
+from megatron_sapo.training.update import train_minibatch
+from megatron_sapo.types import Group, Prompt, TrainBatch
+
+
+@dataclass
+class Rollout:
+    """Rank 0's side of the run."""
+
+    client: RolloutClient
+    prompts: list[Prompt]
+    val_prompts: list[Prompt]
+    sampler: object
+    scorer: object
+    manager: object | None
+    log: object
+    tokenizer: object
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    out_dir: Path
+    pg: object
+    policy: Policy
+    routing: RoutingReplay | None
+    sync: WeightSync
+    rollout: Rollout | None
+    """Only on rank 0."""
+    step: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, stage: str):
+        start = time.perf_counter()
+        yield
+        self.timings[f"time_{stage}_s"] = time.perf_counter() - start
+
+
+# ---- one RL step ------------------------------------------------------------------------------
+
+def rl_step(run: Run) -> dict[str, float]:
+    cfg, step = run.cfg, run.step
+    with run.timed("rollout"):
+        groups = generate_groups(run, step) if run.rollout else None
+    with run.timed("reward"):
+        rollout_metrics = score_groups(run, groups) if run.rollout else {}
+        batch = broadcast(make_train_batch(run, groups) if run.rollout else None)
+    with run.timed("old_logprobs"):
+        batch.old_logprobs = old_logprobs(run, batch)
+        if cfg.train.routing_replay == "r2":
+            batch.routes = run.routing.recorded
+    with run.timed("train"):
+        update_metrics = [train_minibatch(
+            *run.policy.trainable, minibatch, cfg.loss, run.pg, micro_batch_size=cfg.train.micro_batch_size,
+            temperature=cfg.rollout.temperature, true_vocab_size=run.policy.spec.vocab_size,
+            routing=run.routing if batch.routes is not None else None)
+            for minibatch in minibatches(batch, cfg.train.minibatches, run.pg)]
+    with run.timed("weight_sync"):
+        run.sync.sync(version=f"step-{step}")
+    metrics = {**rollout_metrics, **mean_metrics([m.as_dict() for m in update_metrics]),
+               "logprob_mismatch": logprob_mismatch(batch)}
+    if run.routing is not None and batch.routes is not None and run.routing.agreement is not None:
+        metrics["replay_agreement"] = run.routing.agreement
+    if cfg.logging.histogram_every and step % cfg.logging.histogram_every == 0:
+        histograms(run, batch)
+    return metrics
+
+
+def generate_groups(run: Run, step: int) -> list[Group]:
+    """Rank 0: this step's prompts, G seeded samples each."""
+    cfg, rollout = run.cfg, run.rollout
+    prompts = [rollout.prompts[i] for i in rollout.sampler.next_indices()]
+    seeds = [[sample_seed(cfg.rollout.sampling_seed, step, p.index, j) for j in range(cfg.rollout.group_size)]
+             for p in prompts]
+    sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                              max_new_tokens=cfg.rollout.max_new_tokens)
+    return rollout.client.generate_groups(prompts, cfg.rollout.group_size, sampling, seeds, rid_prefix=f"step{step}")
+
+
+def sample_seed(base: int | None, step: int, prompt_index: int, sample_index: int) -> int | None:
+    if base is None:
+        return None
+    digest = hashlib.blake2b(f"{base}/{step}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2
+
+
+def score_groups(run: Run, groups: list[Group]) -> dict[str, float]:
+    """Rank 0: decode responses, score them, store the rewards on the samples."""
+    rollout = run.rollout
+    samples = [s for g in groups for s in g.samples]
+    for sample in samples:
+        sample.response_text = rollout.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
+    answers = [g.prompt.answer for g in groups for _ in g.samples]
+    scores = rollout.scorer.score([s.response_text for s in samples], answers)
+    for sample, score in zip(samples, scores.scores):
+        sample.reward = score
+    rewards = torch.tensor(scores.scores)
+    lengths = torch.tensor([float(len(s.response_ids)) for s in samples])
+    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+            "reward_errors": scores.errors, "reward_timeouts": scores.timeouts,
+            "response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
+            "response_truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
+            "rollout_retries": rollout.client.retries}
+
+
+def make_train_batch(run: Run, groups: list[Group]) -> TrainBatch:
+    """Rank 0: group-normalised advantages (paper eq. 2) and the padded batch."""
+    rewards = torch.tensor([g.rewards for g in groups])
+    advantages = group_advantages(rewards).flatten().tolist()
+    samples = [s for g in groups for s in g.samples]
+    return build_train_batch(samples, advantages, run.rollout.tokenizer.pad_token_id,
+                             with_routes=run.cfg.train.routing_replay == "r3")
+
+
+def broadcast(batch: TrainBatch | None) -> TrainBatch:
+    holder = [batch]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def old_logprobs(run: Run, batch: TrainBatch) -> torch.Tensor:
+    """Log-probs of the policy before this step's updates (routes recorded under R2)."""
+    return compute_logprobs(run.policy.trainable.model, batch, run.pg,
+                            micro_batch_size=run.cfg.train.micro_batch_size, temperature=run.cfg.rollout.temperature,
+                            true_vocab_size=run.policy.spec.vocab_size,
+                            routing=run.routing if run.cfg.train.routing_replay != "none" else None)
+
+
+def minibatches(batch: TrainBatch, count: int, pg) -> list[TrainBatch]:
+    """``count`` consecutive slices of the batch (whole groups stay together when the group size
+    divides the slice), each split evenly over the data-parallel ranks."""
+    rows = batch.batch_size
+    if rows % count:
+        raise ValueError(f"{rows} samples do not split into train.minibatches = {count}")
+    per_minibatch = rows // count
+    dp_size, dp_rank = pg.dp.size(), dist.get_rank(pg.dp)
+    if per_minibatch % dp_size:
+        raise ValueError(f"a minibatch of {per_minibatch} samples does not split over {dp_size} data-parallel ranks")
+    per_rank = per_minibatch // dp_size
+    return [batch.select(slice(m * per_minibatch + dp_rank * per_rank, m * per_minibatch + (dp_rank + 1) * per_rank))
+            for m in range(count)]
+
+
+def mean_metrics(per_minibatch: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for m in per_minibatch for k in m}
+    return {k: sum(m[k] for m in per_minibatch if k in m) / sum(k in m for m in per_minibatch) for k in keys}
+
+
+def logprob_mismatch(batch: TrainBatch) -> float:
+    """Mean |trainer log-prob - rollout log-prob| over response tokens (train/rollout drift)."""
+    mask = batch.loss_mask
+    return ((batch.old_logprobs - batch.rollout_logprobs).abs() * mask).sum().item() / max(mask.sum().item(), 1.0)
+
+
+def histograms(run: Run, batch: TrainBatch) -> None:
+    """Token ratios after this step's updates against the old policy, ``Var_i``, ``D_i`` and its
+    bound (the paper's figures 2-3 for this run)."""
+    routing = run.routing if batch.routes is not None else None
+    new = compute_logprobs(run.policy.trainable.model, batch, run.pg, micro_batch_size=run.cfg.train.micro_batch_size,
+                           temperature=run.cfg.rollout.temperature,
+                           true_vocab_size=run.policy.spec.vocab_size, routing=routing)
+    if run.rollout is None:
+        return
+    diag = gate_diagnostics(new, batch.old_logprobs, batch.advantages, batch.loss_mask,
+                            run.cfg.loss.tau_pos, run.cfg.loss.tau_neg)
+    run.rollout.log.histograms(run.step, {"token_ratio": diag.token_ratios, "log_ratio_var": diag.log_ratio_var,
+                                          "gate_gap": diag.gate_gap, "gate_gap_bound": diag.gap_bound})
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Rank 0: Pass@1 averaged over k samples per validation problem (avg@k)."""
+    cfg, rollout = run.cfg, run.rollout
+    problems = rollout.val_prompts[:cfg.eval.max_problems] if cfg.eval.max_problems else rollout.val_prompts
+    if not problems:
+        return {}
+    k = cfg.eval.samples_per_problem
+    seeds = [[sample_seed(cfg.rollout.sampling_seed, -1 - run.step, p.index, j) for j in range(k)] for p in problems]
+    sampling = SamplingParams(temperature=cfg.eval.temperature,
+                              max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    groups = rollout.client.generate_groups(problems, k, sampling, seeds, rid_prefix=f"eval{run.step}")
+    responses = [rollout.tokenizer.decode(s.response_ids, skip_special_tokens=True) for g in groups for s in g.samples]
+    scores = rollout.scorer.score(responses, [g.prompt.answer for g in groups for _ in g.samples])
+    return {"pass_at_1": sum(scores.scores) / len(scores.scores), "eval_problems": len(problems)}
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def train(cfg: RunConfig, out_dir: Path, *, resume: bool = False) -> None:
+    """Collective over all ranks (torch.distributed initialised): the whole run."""
+    pg = initialize_model_parallel(cfg.parallel, seed=cfg.train.seed)
+    run = None
+    try:
+        run = start(cfg, out_dir, pg, resume)
+        progress = _progress(run)
+        while run.step < cfg.train.steps:
+            run.step += 1
+            run.timings.clear()
+            start_time = time.perf_counter()
+            metrics = rl_step(run)
+            if run.rollout and cfg.eval.every and (run.step % cfg.eval.every == 0 or run.step == cfg.train.steps):
+                with run.timed("eval"):
+                    metrics.update(evaluate(run))
+            metrics.update(run.timings, time_step_s=time.perf_counter() - start_time)
+            if run.rollout:
+                metrics["tokens_per_s"] = metrics.get("tokens", 0.0) * cfg.train.minibatches / metrics["time_train_s"]
+                run.rollout.log.scalars(run.step, metrics)
+                progress.update(1)
+                progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
+            if _checkpoint_due(cfg, run.step):
+                checkpoint(run)
+        if run.rollout:
+            progress.close()
+    finally:
+        if run is not None:
+            stop(run)
+        destroy_model_parallel()
+
+
+def _checkpoint_due(cfg: RunConfig, step: int) -> bool:
+    every = cfg.checkpoint.save_every
+    return step == cfg.train.steps or bool(every and step % every == 0)
+
+
+def _progress(run: Run):
+    if not run.rollout:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.cfg.train.steps, initial=run.step, desc="RL steps", unit="step", dynamic_ncols=True)
+
+
+def start(cfg: RunConfig, out_dir: Path, pg, resume: bool) -> Run:
+    rank = dist.get_rank()
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.toml").write_text(dump_config(cfg))
+    holder = [str(prepare_start_model(cfg, out_dir)) if rank == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    start_model = Path(holder[0])
+    policy = build_policy(cfg, start_model, pg, total_steps=cfg.train.steps * cfg.train.minibatches)
+    routing = RoutingReplay(policy.trainable.model, pg) if cfg.train.routing_replay != "none" else None
+
+    latest = find_latest(out_dir / "checkpoints") if resume else None
+    state = load_checkpoint(latest, *policy.trainable) if latest else TrainerState(step=0, weight_version=None,
+                                                                                  data_cursor={}, extra={})
+    rollout = start_rollout(cfg, out_dir, start_model, policy, state) if rank == 0 else None
+    urls = [rollout.client.urls if rollout else None]
+    dist.broadcast_object_list(urls, src=0)
+    sync = WeightSync(policy.module, policy.table, pg, [ServerEndpoint(u, cfg.rollout.server_tp) for u in urls[0]],
+                      path=cfg.rollout.weight_sync, bucket_bytes=cfg.rollout.bucket_mb * 2**20,
+                      hf_config=policy.hf_config, disk_dir=out_dir / "weight_sync_hf",
+                      timeout_s=cfg.rollout.request_timeout_s)
+    run = Run(cfg=cfg, out_dir=out_dir, pg=pg, policy=policy, routing=routing, sync=sync, rollout=rollout,
+              step=state.step)
+    if latest is not None:  # the servers start from the initial weights
+        sync.sync(version=state.weight_version or f"step-{state.step}")
+    return run
+
+
+def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Policy, state: TrainerState) -> Rollout:
+    """Rank 0: servers (colocated) or their addresses, client, prompts, sampler, scorer, log."""
+    from megatron_sapo.data.chat import encode_records
+    from megatron_sapo.data.datasets import PromptSampler, load_split
+    from megatron_sapo.data.rewards import RewardScorer, get_reward
+    from megatron_sapo.data.synthetic import get_task
+    from megatron_sapo.models.qwen3_moe import moe_layer_pattern
+    from megatron_sapo.rollout.manager import ServerManager
+    from megatron_sapo.rollout.server import ServerOptions
+    from megatron_sapo.run_log import RunLog
+    from megatron_sapo.training.setup import SERVED_DTYPES, free_port
+    from megatron_sapo import torchvision_compat
+
+    torchvision_compat.ensure_importable()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(start_model)
+    if cfg.data.task:
+        task = get_task(cfg.data.task)
+        train_records, val_records = task.records("train", cfg.data.seed), task.records("val", cfg.data.seed)
+    else:
+        train_records = load_split(cfg.data, "train")
+        val_records = load_split(cfg.data, "val") if cfg.data.val_path else []
+    prompts = encode_records(train_records, tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_tokens).prompts
+    val_prompts = encode_records(val_records, tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_tokens).prompts
+    sampler = PromptSampler(len(prompts), cfg.rollout.prompts_per_step, dp_rank=0, dp_size=1, seed=cfg.data.seed,
+                            shuffle=cfg.data.shuffle)
+    if state.data_cursor:
+        sampler.load_state_dict(state.data_cursor)
+
+    manager = None
+    if cfg.rollout.mode == "colocated":
+        options = [ServerOptions(model=str(start_model), port=free_port(), tp=cfg.rollout.server_tp,
+                                 return_routed_experts=cfg.train.routing_replay == "r3",
+                                 dtype=SERVED_DTYPES[cfg.model.params_dtype], extra_args=list(cfg.rollout.server_args))
+                   for _ in range(cfg.rollout.num_servers)]
+        manager = ServerManager(options, out_dir / "logs", startup_timeout_s=cfg.rollout.startup_timeout_s).start()
+        urls = manager.urls
+    else:
+        urls = [u if u.startswith("http") else f"http://{u}" for u in cfg.rollout.servers]
+    routed = None
+    if cfg.train.routing_replay == "r3":
+        routed = RoutedExperts(moe_layer_pattern(policy.hf_config), policy.hf_config["num_experts_per_tok"])
+    client = RolloutClient(urls, request_timeout_s=cfg.rollout.request_timeout_s, max_retries=cfg.rollout.max_retries,
+                           routed_experts=routed, on_failure=manager.ensure_alive if manager else None)
+    scorer = RewardScorer(get_reward(cfg.data.reward_name), cfg.data.reward_timeout_s)
+    log = RunLog(out_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step)
+    return Rollout(client=client, prompts=prompts, val_prompts=val_prompts, sampler=sampler, scorer=scorer,
+                   manager=manager, log=log, tokenizer=tokenizer)
+
+
+def checkpoint(run: Run) -> None:
+    cursor = run.rollout.sampler.state_dict() if run.rollout else {}
+    state = TrainerState(step=run.step, weight_version=f"step-{run.step}", data_cursor=cursor, extra={})
+    save_checkpoint(run.out_dir / "checkpoints", state, *run.policy.trainable,
+                    run_config_text=dump_config(run.cfg), hf_config=run.policy.hf_config,
+                    keep_last=run.cfg.checkpoint.keep_last)
+
+
+def stop(run: Run) -> None:
+    run.sync.close()
+    if run.rollout:
+        run.rollout.scorer.close()
+        run.rollout.log.close()
+        if run.rollout.manager:
+            run.rollout.manager.stop()

@@ -1,0 +1,66 @@
+"""``megatron-sapo train CONFIG``: the main job.
+
+Under a launcher (torchrun, srun, mpirun) every launched process is a rank. Run plainly, the
+command starts the ranks one copy of the model needs (TP x PP, or the expert layout's size)
+itself, so the CPU demo is one command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from megatron_sapo.config import RunConfig, load_config
+
+LAUNCHER_VARIABLES = ("RANK", "SLURM_STEP_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="run RL training (SAPO, GRPO, GSPO, with or without routing replay) from a TOML config",
+        description="Run RL training. Outputs (resolved config.toml, metrics.jsonl, TensorBoard events, "
+                    "checkpoints, server logs) go to --output, or train.out_dir of the config.")
+    parser.add_argument("config", help="TOML run configuration (see examples/)")
+    parser.add_argument("--output", help="output folder (overrides train.out_dir)")
+    parser.add_argument("--steps", type=int, help="total RL steps (overrides train.steps)")
+    parser.add_argument("--save-every", type=int, help="checkpoint every N steps (overrides checkpoint.save_every)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable), e.g. --set loss.tau_neg=1.0")
+    parser.set_defaults(func=run)
+
+
+def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    overrides = list(args.set)
+    if args.output:
+        overrides.append(f"train.out_dir={args.output}")
+    if args.steps is not None:
+        overrides.append(f"train.steps={args.steps}")
+    if args.save_every is not None:
+        overrides.append(f"checkpoint.save_every={args.save_every}")
+    cfg = load_config(args.config, overrides)
+    return cfg, Path(cfg.train.out_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, out_dir = resolve(args)
+    if args.resume and not (out_dir / "checkpoints" / "latest").exists():
+        raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
+    if any(v in os.environ for v in LAUNCHER_VARIABLES):
+        from megatron_sapo.parallel.launch import init_distributed
+
+        init_distributed()
+        _rank_main(cfg, out_dir, args.resume)
+    else:
+        from megatron_sapo.parallel.spawn import spawn, world_size_for
+
+        spawn(_rank_main, world_size_for(cfg.parallel), cfg, out_dir, args.resume)
+    print(f"done: metrics in {out_dir / 'metrics.jsonl'}; TensorBoard: tensorboard --logdir {out_dir / 'tensorboard'}")
+    return 0
+
+
+def _rank_main(cfg: RunConfig, out_dir: Path, resume: bool) -> None:
+    from megatron_sapo.loop import train
+
+    train(cfg, out_dir, resume=resume)

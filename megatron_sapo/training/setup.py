@@ -1,0 +1,82 @@
+"""Everything a run builds once: the starting HF checkpoint, the Megatron model and optimizer,
+the rollout servers and client, the prompts, the reward scorer.
+
+Rank 0 owns the rollout side (servers, client, prompt order, rewards) and hands each step's
+batch to the other ranks; every rank owns its part of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_sapo.config import RunConfig
+from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
+from megatron_sapo.convert.load import load_hf_into_model
+from megatron_sapo.models import qwen3_moe
+from megatron_sapo.training.optimizer import Trainable, build_optimizer
+
+PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SERVED_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def prepare_start_model(cfg: RunConfig, out_dir: Path) -> Path:
+    """Rank 0: the HF checkpoint training starts from (and SGLang first serves).
+
+    A built-in model is created from its config and given the configured supervised cold start,
+    once: a resumed run finds it in ``out_dir/start_model``."""
+    if cfg.model.hf_dir is not None:
+        return Path(cfg.model.hf_dir)
+    target = out_dir / "start_model"
+    if (target / "config.json").is_file():
+        return target
+    from megatron_sapo.convert.output import partial_dir, publish
+    from megatron_sapo.data.chat import encode_sft_examples
+    from megatron_sapo.data.synthetic import get_task
+    from megatron_sapo.data.tiny_tokenizer import PAD_ID, build_tiny_tokenizer
+    from megatron_sapo.models.tiny import save_demo_model
+    from megatron_sapo.training.cold_start import cold_start
+
+    tmp = partial_dir(target)
+    save_demo_model(tmp, seed=cfg.train.seed)
+    if cfg.train.sft_steps:
+        records = get_task(cfg.data.task).records("sft", cfg.data.seed)
+        examples = encode_sft_examples(records, build_tiny_tokenizer(), cfg.data.system_prompt)
+        losses = cold_start(tmp, examples, steps=cfg.train.sft_steps, batch_size=cfg.train.sft_batch_size,
+                            lr=cfg.train.sft_lr or cfg.optimizer.lr, seed=cfg.train.seed, pad_id=PAD_ID)
+        (tmp / "cold_start_losses.json").write_text(json.dumps(losses))
+    publish(tmp, target)
+    return target
+
+
+@dataclass
+class Policy:
+    """The Megatron side: the bare model (for weight export), its DDP wrapper and optimizer."""
+
+    module: object
+    trainable: Trainable
+    spec: qwen3_moe.Qwen3MoeSpec
+    table: object
+    hf_config: dict
+
+
+def build_policy(cfg: RunConfig, hf_dir: Path, pg, total_steps: int) -> Policy:
+    hf_config = qwen3_moe.read_hf_config(hf_dir)
+    spec = qwen3_moe.from_hf_config(hf_config, cfg.parallel, router=cfg.router,
+                                    params_dtype=PARAMS_DTYPES[cfg.model.params_dtype])
+    module = qwen3_moe.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp))
+    table = qwen3_moe.weight_table(spec)
+    load_hf_into_model(module, HFCheckpoint(hf_dir), table, pg)
+    trainable = build_optimizer(module, cfg.optimizer, pg, total_steps=total_steps)
+    return Policy(module=module, trainable=trainable, spec=spec, table=table, hf_config=hf_config)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
