@@ -5,7 +5,7 @@ setup:
 	bash tools/setup_env.sh
 
 demo: setup
-	.venv/bin/megatron-sapo selfcheck
+	.venv/bin/megatron-sapo train examples/tiny_cpu/sapo.toml
 
 test:
 	bash tools/run_tests.sh

@@ -1,1 +1,2 @@
-"""Megatron-side training pieces: forward passes, (later) minibatch updates and checkpoints."""
+"""Megatron-side training: model/optimizer set-up, forward passes, old log-probs, minibatch
+updates (policy loss or supervised), routing replay, the demo's cold start, checkpoints."""
