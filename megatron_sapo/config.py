@@ -323,6 +323,9 @@ class RolloutConfig:
     """Seconds before one generate or weight-update request is abandoned."""
     max_retries: int = 3
     """Retries of a failed request before the step fails."""
+    release_memory_during_train: bool = False
+    """Colocated on GPUs: have SGLang release its KV cache and weights while the trainer runs
+    (SGLang ``--enable-memory-saver``), resume the weights before the sync and the cache after."""
 
     def __post_init__(self) -> None:
         _check_choice("rollout.mode", self.mode, ROLLOUT_MODES)
@@ -346,6 +349,11 @@ class RolloutConfig:
         _check_choice("rollout.weight_sync", self.weight_sync, WEIGHT_SYNC_METHODS)
         if not isinstance(self.server_args, list) or not all(isinstance(a, str) for a in self.server_args):
             raise ConfigError(f"rollout.server_args must be a list of strings, got {self.server_args!r}")
+        if not isinstance(self.release_memory_during_train, bool):
+            raise ConfigError(f"rollout.release_memory_during_train must be true or false, "
+                              f"got {self.release_memory_during_train!r}")
+        if self.release_memory_during_train and self.mode != "colocated":
+            raise ConfigError('rollout.release_memory_during_train needs rollout.mode = "colocated"')
 
     @property
     def samples_per_step(self) -> int:

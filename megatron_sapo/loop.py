@@ -80,6 +80,9 @@ def rl_step(run: Run) -> dict[str, float]:
     with run.timed("reward"):
         rollout_metrics = score_groups(run, groups) if run.rollout else {}
         batch = broadcast(make_train_batch(run, groups) if run.rollout else None)
+    release = cfg.rollout.release_memory_during_train and run.rollout is not None
+    if release:
+        run.rollout.client.release_memory()
     with run.timed("old_logprobs"):
         batch.old_logprobs = old_logprobs(run, batch)
         if cfg.train.routing_replay == "r2":
@@ -90,8 +93,12 @@ def rl_step(run: Run) -> dict[str, float]:
             temperature=cfg.rollout.temperature, true_vocab_size=run.policy.spec.vocab_size,
             routing=run.routing if batch.routes is not None else None)
             for minibatch in minibatches(batch, cfg.train.minibatches, run.pg)]
+    if release:
+        run.rollout.client.resume_memory(("weights",))
     with run.timed("weight_sync"):
         run.sync.sync(version=f"step-{step}")
+    if release:
+        run.rollout.client.resume_memory(("kv_cache",))
     metrics = {**rollout_metrics, **mean_metrics([m.as_dict() for m in update_metrics]),
                "logprob_mismatch": logprob_mismatch(batch)}
     if run.routing is not None and batch.routes is not None and run.routing.agreement is not None:
@@ -325,10 +332,11 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
         sampler.load_state_dict(state.data_cursor)
 
     manager = None
+    memory_saver = ["--enable-memory-saver"] if cfg.rollout.release_memory_during_train else []
     if cfg.rollout.mode == "colocated":
         options = [ServerOptions(model=str(start_model), port=free_port(), tp=cfg.rollout.server_tp,
                                  return_routed_experts=cfg.train.routing_replay == "r3",
-                                 dtype=SERVED_DTYPES[cfg.model.params_dtype], extra_args=list(cfg.rollout.server_args))
+                                 dtype=SERVED_DTYPES[cfg.model.params_dtype], extra_args=memory_saver + list(cfg.rollout.server_args))
                    for _ in range(cfg.rollout.num_servers)]
         manager = ServerManager(options, out_dir / "logs", startup_timeout_s=cfg.rollout.startup_timeout_s).start()
         urls = manager.urls

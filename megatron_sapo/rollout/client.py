@@ -169,6 +169,13 @@ class RolloutClient:
     def flush_cache(self) -> None:
         self._post_all("/flush_cache", None)
 
+    def release_memory(self, tags: tuple[str, ...] = ("kv_cache", "weights")) -> None:
+        """Free the servers' GPU memory while the trainer needs it (``--enable-memory-saver``)."""
+        self._post_all("/release_memory_occupation", {"tags": list(tags)})
+
+    def resume_memory(self, tags: tuple[str, ...]) -> None:
+        self._post_all("/resume_memory_occupation", {"tags": list(tags)})
+
     def abort(self, rid: str | None = None) -> None:
         """Abort one request by ``rid``, or all requests on every server."""
         self._post_all("/abort_request", {"rid": rid} if rid else {"abort_all": True})
