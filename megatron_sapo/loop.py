@@ -101,6 +101,9 @@ def rl_step(run: Run) -> dict[str, float]:
         run.rollout.client.resume_memory(("kv_cache",))
     metrics = {**rollout_metrics, **mean_metrics([m.as_dict() for m in update_metrics]),
                "logprob_mismatch": logprob_mismatch(batch)}
+    clipped = [metrics[k] for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual") if k in metrics]
+    if clipped:
+        metrics["clip_frac"] = sum(clipped)
     if run.routing is not None and batch.routes is not None and run.routing.agreement is not None:
         metrics["replay_agreement"] = run.routing.agreement
     if cfg.logging.histogram_every and step % cfg.logging.histogram_every == 0:

@@ -19,7 +19,7 @@ from megatron_sapo.analysis.runs import PASS_AT_1, REWARD, Curve, Run
 from megatron_sapo.config import LossConfig
 
 # Per-step statistics whose mean over the run is reported: SAPO's gate, GRPO/GSPO's clipping.
-GATE_AND_CLIP_KEYS: tuple[str, ...] = ("gate_mean", "gate_attenuated_frac", "clip_frac")
+GATE_AND_CLIP_KEYS: tuple[str, ...] = ("gate_mean", "attenuated_frac", "clip_frac")
 
 
 def default_label(run: Run) -> str:

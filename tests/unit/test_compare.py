@@ -36,7 +36,7 @@ def rising(offset: float, last_step: int) -> list[dict]:
     for step in range(last_step + 1):
         reward = 0.1 + 0.01 * step + offset
         row = {"step": step, "reward_mean": reward, "reward_std": 0.1, "loss": 0.0,
-               "gate_mean": 0.9, "gate_attenuated_frac": 0.1 + offset}
+               "gate_mean": 0.9, "attenuated_frac": 0.1 + offset}
         if step % 10 == 0:
             row["pass_at_1"] = reward / 2
         rows.append(row)
