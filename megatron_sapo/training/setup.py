@@ -8,6 +8,7 @@ batch to the other ranks; every rank owns its part of the model.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,7 +77,17 @@ def build_policy(cfg: RunConfig, hf_dir: Path, pg, total_steps: int) -> Policy:
     return Policy(module=module, trainable=trainable, spec=spec, table=table, hf_config=hf_config)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(first: int = 20000, last: int = 32767) -> int:
+    """A port that is free now, below Linux's ephemeral range (32768+): the server binds it only
+    after start-up, and a port from the ephemeral range could meanwhile be handed to any
+    outgoing connection on the machine."""
+    start = first + os.getpid() % (last - first)
+    for offset in range(last - first):
+        port = first + (start - first + offset) % (last - first)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {first}-{last}")
