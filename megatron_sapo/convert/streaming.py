@@ -3,7 +3,9 @@
 Megatron's torch_dist checkpoints are PyTorch distributed checkpoints (DCP) in which every key
 holds a *global* tensor, stored as chunks (one per layer tensor, per expert, per GLU half).
 That layout does not depend on how the model was split, so a checkpoint written as if from a
-single TP1/PP1/EP1 rank loads at any TP/PP/EP.
+single TP1/PP1/EP1 rank loads at any TP/PP/EP. One exception: the embedding and output
+matrices are padded to a multiple of 128 x TP rows, so their row count is the saving layout's.
+Megatron marks those keys ``allow_shape_mismatch`` and, on load, copies the rows both sizes share.
 
 Neither direction ever holds the model:
 
@@ -12,7 +14,9 @@ Neither direction ever holds the model:
   asking our planner's ``resolve_data`` for each; it reads the HF tensors behind that chunk
   and applies the table's transform. Peak memory: the chunk and its HF sources.
 * Megatron -> HF: keys are read one at a time with DCP (one global tensor, at most one layer's
-  experts) and turned into HF tensors written into size-capped safetensors files.
+  experts) and turned into HF tensors written into size-capped safetensors files. Each key is
+  read at the shape the checkpoint stores (its metadata says), not at the TP1 layout's: a
+  padded vocabulary key saved at TP=2 has more rows, all read, then cut to ``vocab_size``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, TensorProperties,
+                                                   TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from megatron_sapo.config import ParallelConfig
@@ -85,6 +90,9 @@ class Chunk:
     sizes: tuple[int, ...]
     param: str
     prepended: int  # leading axes (layer/expert) that are not the parameter's own
+    padded_rows: bool = False
+    """Megatron's ``allow_shape_mismatch``: the parameter's first own axis is the padded
+    vocabulary, whose size depends on the TP size the checkpoint was saved at."""
 
     def param_region(self) -> tuple[slice, ...]:
         own = zip(self.offsets[self.prepended:], self.sizes[self.prepended:])
@@ -120,7 +128,7 @@ def _describe_model(hf_config: dict, parallel: ParallelConfig, pg, dtype: torch.
                 # local_shape leaves out the prepended axes, where a chunk is one index wide.
                 sizes = (1,) * item.prepend_axis_num + tuple(item.local_shape)
                 chunks.append(Chunk(item.key, tuple(item.global_shape), tuple(item.global_offset), sizes,
-                                    param_name, item.prepend_axis_num))
+                                    param_name, item.prepend_axis_num, item.allow_shape_mismatch))
             else:
                 raise TypeError(f"{param_name}: unexpected sharded state dict entry {type(item).__name__}")
     missing = {name for name, _ in model.named_parameters()} - {c.param for c in chunks}
@@ -251,13 +259,17 @@ def mcore_to_hf(ckpt: Path, out: Path, hf_config: dict, dtype: torch.dtype, *, m
     # All parameters stored under one key (e.g. a layer's experts) are read from one load.
     ordered = sorted(by_param.items(), key=lambda item: first_seen[item[1][0].key])
 
+    # Every key is checked before anything is written, so a mismatched checkpoint fails at once.
+    stored = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    shapes = {c.key: _stored_shape(ckpt, stored, c, spec.vocab_size) for c in chunks}
+
     tmp = partial_dir(out)
     writer = ShardWriter(tmp, "part", max_shard_bytes)
     loaded: tuple[str, torch.Tensor] | None = None
     for param, param_chunks in ordered:
         key = param_chunks[0].key
         if loaded is None or loaded[0] != key:
-            loaded = (key, _read_key(ckpt, key, param_chunks[0].global_shape, dtype))
+            loaded = (key, _read_key(ckpt, key, shapes[key], dtype))
         full = loaded[1][tuple(slice(o, o + 1) for o in param_chunks[0].offsets[:param_chunks[0].prepended])]
         full = full.reshape(full.shape[param_chunks[0].prepended:])
         match = table.match(param)
@@ -269,6 +281,32 @@ def mcore_to_hf(ckpt: Path, out: Path, hf_config: dict, dtype: torch.dtype, *, m
     writer.flush()
     finish_export(tmp, out, [(writer.files, writer.weight_map, writer.total_bytes)], hf_config, ckpt)
     return out
+
+
+def _stored_shape(ckpt: Path, stored: dict, chunk: Chunk, vocab_size: int) -> tuple[int, ...]:
+    """The global shape under which ``ckpt`` stores ``chunk.key``, checked against the TP1 layout.
+
+    Only a padded-vocabulary key may differ, and only in its row count, which must cover
+    ``vocab_size``: a checkpoint saved at TP=2 stores 512 rows of the tiny model's 301-token
+    vocabulary where the TP1 layout has 384.
+    """
+    entry = stored.get(chunk.key)
+    if entry is None:
+        raise ValueError(f"{ckpt}: no tensor {chunk.key!r}, which the model in {HF_CONFIG_FILE} has")
+    if not isinstance(entry, TensorStorageMetadata):
+        raise ValueError(f"{ckpt}: {chunk.key!r} is stored as an object, not as a tensor")
+    shape, expected = tuple(entry.size), chunk.global_shape
+    if shape == expected:
+        return shape
+    rows = chunk.prepended
+    if (chunk.padded_rows and len(shape) == len(expected) and shape[rows] >= vocab_size
+            and shape[:rows] + shape[rows + 1:] == expected[:rows] + expected[rows + 1:]):
+        return shape
+    limit = ""
+    if chunk.padded_rows:
+        limit = f"; only its row count may differ, and be at least vocab_size={vocab_size}"
+    raise ValueError(f"{ckpt}: tensor {chunk.key!r} has shape {shape}; the model in {HF_CONFIG_FILE} "
+                     f"implies {expected}{limit}")
 
 
 def _read_key(ckpt: Path, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -6,6 +6,7 @@ dense layer among MoE layers, vocabulary 301 padded for TP) so that layout bugs 
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,7 @@ def streamed_checkpoint(tiny_hf, tmp_path_factory):
     """A checkpoint written by the streaming converter (the real command, on rank 0)."""
     out = shared_dir(tmp_path_factory, "streamed") / "mcore"
     if dist.get_rank() == 0:
-        subprocess.run([shutil.which("megatron-sapo"), "convert", "hf-to-mcore", "--hf", str(tiny_hf), "--out", str(out)],
+        subprocess.run([(shutil.which("megatron-sapo") or str(Path(sys.executable).with_name("megatron-sapo"))), "convert", "hf-to-mcore", "--hf", str(tiny_hf), "--out", str(out)],
                        check=True, capture_output=True, timeout=300)
     dist.barrier()
     return out

@@ -1,20 +1,32 @@
-"""`megatron-sapo convert` and `parity` as a user runs them: real processes, real files."""
+"""`megatron-sapo convert` and `parity` as a user runs them: real processes, real files.
+
+Run as a script under torchrun, this file saves the tiny model at a layout with ``save_model``
+(real Megatron-Core over gloo), as training does: those checkpoints carry the saving layout's
+vocabulary padding, which ``convert mcore-to-hf`` must read.
+"""
 
 import json
+import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
 from megatron_sapo.models.tiny import save_tiny_qwen3_moe
 
 pytestmark = pytest.mark.slow
 
+# The console script of the interpreter running the tests, whether or not its folder is on PATH.
+CLI = shutil.which("megatron-sapo") or str(Path(sys.executable).with_name("megatron-sapo"))
+
 
 def run(*args, ok=True):
-    proc = subprocess.run([shutil.which("megatron-sapo"), *args], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=600)
     if ok:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -65,3 +77,69 @@ def test_errors_name_the_problem(hf_dir, tmp_path):
 
     proc = run("convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "o3"), "--ep", "3", ok=False)
     assert proc.returncode == 2 and "not divisible by parallel.ep=3" in proc.stderr
+
+
+def save_at_layout(hf_dir: str, out: str, tp: int, ep: int, pp: int) -> None:
+    """Under torchrun: load the HF checkpoint at this layout and write it with ``save_model``."""
+    import torch.distributed as dist
+
+    from megatron_sapo.config import ParallelConfig
+    from megatron_sapo.convert.load import load_hf_into_model
+    from megatron_sapo.convert.mcore_checkpoint import save_model
+    from megatron_sapo.models import qwen3_moe
+    from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
+
+    dist.init_process_group("gloo")
+    parallel = ParallelConfig(tp=tp, ep=ep, pp=pp)
+    pg = initialize_model_parallel(parallel)
+    hf_config = qwen3_moe.read_hf_config(hf_dir)
+    spec = qwen3_moe.from_hf_config(hf_config, parallel)
+    model = qwen3_moe.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp))
+    load_hf_into_model(model, HFCheckpoint(Path(hf_dir)), qwen3_moe.weight_table(spec), pg)
+    save_model(model, out, hf_config, extra_files_from=Path(hf_dir))
+    destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def saved_at_tp2_ep2(hf_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("saved") / "mcore"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*torchrun, __file__, str(hf_dir), str(out), "2", "2", "1"], capture_output=True,
+                          text=True, env={**os.environ, "TORCHDYNAMO_DISABLE": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def stored_rows(ckpt, key: str) -> int:
+    return dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata[key].size[0]
+
+
+def test_checkpoint_saved_at_tp2_ep2_converts_back(hf_dir, saved_at_tp2_ep2, tmp_path):
+    # 301 tokens padded for TP=2: 512 rows (TP=1 would give 384).
+    assert stored_rows(saved_at_tp2_ep2, "embedding.word_embeddings.weight") == 512
+    assert stored_rows(saved_at_tp2_ep2, "output_layer.weight") == 512
+    run("convert", "mcore-to-hf", "--mcore", str(saved_at_tp2_ep2), "--out", str(tmp_path / "back"))
+    original, back = HFCheckpoint(hf_dir), HFCheckpoint(tmp_path / "back")
+    assert sorted(back.names()) == sorted(original.names())
+    for name in original.names():
+        a, b = original.get(name), back.get(name)
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs after mcore-to-hf"
+    assert (tmp_path / "back" / "tokenizer_config.json").exists()
+
+
+def test_too_few_vocabulary_rows_are_refused(saved_at_tp2_ep2, tmp_path):
+    ckpt = tmp_path / "mcore"
+    shutil.copytree(saved_at_tp2_ep2, ckpt)
+    config = json.loads((ckpt / "hf_config.json").read_text())
+    config["vocab_size"] = 600  # the checkpoint stores 512 rows
+    (ckpt / "hf_config.json").write_text(json.dumps(config))
+    proc = run("convert", "mcore-to-hf", "--mcore", str(ckpt), "--out", str(tmp_path / "back"), ok=False)
+    assert proc.returncode == 2
+    assert "'embedding.word_embeddings.weight' has shape (512, 48)" in proc.stderr
+    assert "vocab_size=600" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mcore"]  # neither the output nor a partial folder
+
+
+if __name__ == "__main__":  # guarded: dist_checkpointing starts a helper process that re-imports this file
+    save_at_layout(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]))
