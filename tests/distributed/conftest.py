@@ -78,3 +78,16 @@ def pytest_runtest_makereport(item, call):
 def world():
     """The default (world) group of the launch, passed explicitly to what needs a group."""
     return dist.group.WORLD
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """The tiny random Qwen3-MoE (models/tiny.py, seed 0, fp32) saved once for the session."""
+    from megatron_sapo.models.tiny import save_tiny_qwen3_moe
+    from rank_files import shared_dir
+
+    path = shared_dir(tmp_path_factory, "tiny_qwen3_moe") / "hf"
+    if dist.get_rank() == 0:
+        save_tiny_qwen3_moe(path, seed=0)
+    dist.barrier()
+    return path

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from rank_files import shared_dir
+
 from megatron_sapo.config import OptimizerConfig, ParallelConfig
 from megatron_sapo.convert import streaming
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
@@ -30,12 +32,6 @@ VOCAB = 301
 ROWS_AT_TP = {1: 384, 2: 512}
 MAX_SHARD_BYTES = 256 * 1024  # several output files, so the index is exercised too
 
-
-def shared_dir(tmp_path_factory, name: str) -> Path:
-    """A folder both ranks see (rank 0's temporary folder)."""
-    path = [str(tmp_path_factory.mktemp(name)) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(path, src=0)
-    return Path(path[0])
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from rank_files import shared_dir
+
 from megatron_sapo import torchvision_compat
 from megatron_sapo.config import ParallelConfig
 from megatron_sapo.convert.export import export_hf
@@ -20,7 +22,6 @@ from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
 from megatron_sapo.convert.load import load_hf_into_model
 from megatron_sapo.convert.mcore_checkpoint import load_model, save_model
 from megatron_sapo.models import qwen3_moe
-from megatron_sapo.models.tiny import save_tiny_qwen3_moe
 from megatron_sapo.parallel.collectives import all_gather_cat
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.training.forward import forward_logits
@@ -28,20 +29,6 @@ from megatron_sapo.training.forward import forward_logits
 SEQ = 16
 
 
-def shared_dir(tmp_path_factory, name: str) -> Path:
-    """A folder both ranks see (rank 0's temporary folder)."""
-    path = [str(tmp_path_factory.mktemp(name)) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(path, src=0)
-    return Path(path[0])
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    path = shared_dir(tmp_path_factory, "tiny_qwen3_moe") / "hf"
-    if dist.get_rank() == 0:
-        save_tiny_qwen3_moe(path, seed=0)
-    dist.barrier()
-    return path
 
 
 @pytest.fixture(scope="module")

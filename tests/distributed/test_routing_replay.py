@@ -17,7 +17,7 @@ must agree; agreement fractions are compared exactly (they are ratios of counts)
 
 import pytest
 import torch
-from test_training_update import layouts, tiny_hf  # noqa: F401 (fixtures)
+from test_training_update import layouts  # noqa: F401 (fixture)
 from test_training_update import (OPTIMIZER, SEQ, TEMPERATURE, TOL, VOCAB, hf_model, make_batch,
                                   worst_over_ranks)
 

@@ -21,6 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from rank_files import shared_dir
+
 from megatron_sapo import torchvision_compat
 from megatron_sapo.algo import kl_penalty, policy_loss
 from megatron_sapo.config import ConfigError, LossConfig, OptimizerConfig, ParallelConfig
@@ -28,7 +30,7 @@ from megatron_sapo.convert.export import iter_hf_tensors
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
 from megatron_sapo.convert.load import load_hf_into_model
 from megatron_sapo.models import qwen3_moe
-from megatron_sapo.models.tiny import TINY_QWEN3_MOE, save_tiny_qwen3_moe
+from megatron_sapo.models.tiny import TINY_QWEN3_MOE
 from megatron_sapo.parallel.collectives import all_gather_cat
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.training.logprobs import compute_logprobs
@@ -46,20 +48,6 @@ SEQ = 11
 OPTIMIZER = OptimizerConfig(lr=1e-2, adam_eps=1e-3, clip_grad=1.0)
 
 
-def shared_dir(tmp_path_factory, name: str) -> Path:
-    """A folder both ranks see (rank 0's temporary folder)."""
-    path = [str(tmp_path_factory.mktemp(name)) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(path, src=0)
-    return Path(path[0])
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    path = shared_dir(tmp_path_factory, "tiny_qwen3_moe_update") / "hf"
-    if dist.get_rank() == 0:
-        save_tiny_qwen3_moe(path, seed=0)
-    dist.barrier()
-    return path
 
 
 def make_batch(seed: int = 0) -> TrainBatch:
