@@ -6,19 +6,23 @@ the tail of its log. On shutdown the whole process group is terminated, then kil
 not exited within a grace period. Orphans are prevented three ways: :meth:`ServerManager.stop`
 runs on exit (``atexit``) and on SIGTERM/SIGINT, and on Linux each server is started with a
 parent-death signal, so even a SIGKILL of the trainer takes its servers down (SGLang's own
-workers exit with their parent).
+workers exit with their parent). Linux sends that signal when the *thread* that started the
+server ends, not the process, so servers are always started from a thread that lives as long
+as the process: a restart requested from a rollout thread must not die with that thread.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import queue
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +40,40 @@ class ServerStartError(RuntimeError):
 def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class _LastingLauncher:
+    """Runs ``subprocess.Popen`` on the main thread or on one daemon thread that is never
+    joined, so the parent-death signal of a server fires only when the process ends."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    def popen(self, *args, **kwargs) -> subprocess.Popen:
+        if threading.current_thread() is threading.main_thread():
+            return subprocess.Popen(*args, **kwargs)
+        with self._lock:
+            if self._pid != os.getpid():  # first use, or a forked child, which has no such thread
+                self._jobs = queue.SimpleQueue()
+                threading.Thread(target=self._serve, name="sglang-launcher", daemon=True).start()
+                self._pid = os.getpid()
+        started: Future = Future()
+        self._jobs.put((args, kwargs, started))
+        return started.result()
+
+    def _serve(self) -> None:
+        jobs = self._jobs
+        while True:
+            args, kwargs, started = jobs.get()
+            try:
+                started.set_result(subprocess.Popen(*args, **kwargs))
+            except BaseException as err:
+                started.set_exception(err)
+
+
+_launcher = _LastingLauncher()
 
 
 @dataclass
@@ -132,7 +170,7 @@ class ServerManager:
         with open(server.log_path, "a") as log:
             log.write(f"\n==== megatron-sapo: starting {' '.join(server_command(opts))}\n")
             log.flush()
-            server.process = subprocess.Popen(
+            server.process = _launcher.popen(
                 server_command(opts), env=server_env(opts), stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
 
