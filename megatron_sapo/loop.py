@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo.algo import gate_diagnostics, group_advantages
-from megatron_sapo.config import RunConfig, dump_config
+from megatron_sapo.config import RunConfig
+from megatron_sapo.config_file import dump_config
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.rollout.client import RolloutClient, RoutedExperts, SamplingParams
 from megatron_sapo.rollout.weight_sync import ServerEndpoint, WeightSync

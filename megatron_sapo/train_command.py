@@ -11,7 +11,8 @@ import argparse
 import os
 from pathlib import Path
 
-from megatron_sapo.config import RunConfig, load_config
+from megatron_sapo.config import RunConfig
+from megatron_sapo.config_file import load_config
 
 LAUNCHER_VARIABLES = ("RANK", "SLURM_STEP_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 

@@ -27,7 +27,8 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from megatron_sapo.config import ConfigError, RunConfig, load_config
+from megatron_sapo.config import ConfigError, RunConfig
+from megatron_sapo.config_file import load_config
 from megatron_sapo.parallel.launch import LaunchError, expand_nodelist
 
 

@@ -209,8 +209,8 @@ class WeightSync:
             for server in self.servers:
                 _post(server.url, "/update_weights_from_disk", {"model_path": str(out), "flush_cache": False},
                       self.timeout_s)
-            stats.bytes = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
-            stats.buckets = len(list(Path(out).glob("*.safetensors")))
+            files = list(Path(out).glob("*.safetensors"))
+            stats.bytes, stats.buckets = sum(f.stat().st_size for f in files), len(files)
         return stats
 
     # ---- distributed-path helpers ---------------------------------------------------------------

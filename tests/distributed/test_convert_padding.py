@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from rank_files import shared_dir
+from rank_files import assert_same_hf_tensors, shared_dir
 
 from megatron_sapo.config import OptimizerConfig, ParallelConfig
 from megatron_sapo.convert import streaming
@@ -23,7 +23,6 @@ from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
 from megatron_sapo.convert.load import load_hf_into_model
 from megatron_sapo.convert.mcore_checkpoint import load_model, save_model
 from megatron_sapo.models import qwen3_moe
-from megatron_sapo.models.tiny import save_tiny_qwen3_moe
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.training.checkpoint import MODEL_DIR, TrainerState, save_checkpoint
 from megatron_sapo.training.optimizer import build_optimizer
@@ -31,16 +30,6 @@ from megatron_sapo.training.optimizer import build_optimizer
 VOCAB = 301
 ROWS_AT_TP = {1: 384, 2: 512}
 MAX_SHARD_BYTES = 256 * 1024  # several output files, so the index is exercised too
-
-
-
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    path = shared_dir(tmp_path_factory, "padding_hf") / "hf"
-    if dist.get_rank() == 0:
-        save_tiny_qwen3_moe(path, seed=3)
-    dist.barrier()
-    return path
 
 
 class Layout:
@@ -81,14 +70,6 @@ def convert(ckpt: Path, out: Path, hf_config: dict) -> Path:
 
 def stored_rows(ckpt: Path, key: str) -> int:
     return dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata[key].size[0]
-
-
-def assert_same_hf_tensors(expected: Path, actual: Path):
-    exp, act = HFCheckpoint(expected), HFCheckpoint(actual)
-    assert sorted(act.names()) == sorted(exp.names())
-    for name in exp.names():
-        a, b = exp.get(name), act.get(name)
-        assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs after mcore-to-hf"
 
 
 @pytest.mark.parametrize("tp, ep, pp", [(2, 1, 1), (2, 2, 1), (1, 1, 2)], ids=["tp2", "tp2-ep2", "pp2"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from rank_files import shared_dir
+from rank_files import assert_same_hf_tensors, shared_dir
 
 from megatron_sapo import torchvision_compat
 from megatron_sapo.config import ParallelConfig
@@ -27,8 +27,6 @@ from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_mod
 from megatron_sapo.training.forward import forward_logits
 
 SEQ = 16
-
-
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +75,6 @@ class Layout:
 def layouts():
     yield Layout
     destroy_model_parallel()
-
-
-def assert_same_hf_tensors(expected: Path, actual: Path):
-    exp, act = HFCheckpoint(expected), HFCheckpoint(actual)
-    assert sorted(act.names()) == sorted(exp.names())
-    for name in exp.names():
-        a, b = exp.get(name), act.get(name)
-        assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs after the round trip"
 
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2)]

@@ -48,8 +48,6 @@ SEQ = 11
 OPTIMIZER = OptimizerConfig(lr=1e-2, adam_eps=1e-3, clip_grad=1.0)
 
 
-
-
 def make_batch(seed: int = 0) -> TrainBatch:
     """Right-padded rows of random tokens; the loss covers each row's response tokens."""
     g = torch.Generator().manual_seed(seed)
@@ -268,7 +266,6 @@ def test_compute_logprobs_is_the_same_at_pp2(layouts, tiny_hf, world):
     pipelined = compute_logprobs(run.module, batch, run.pg, micro_batch_size=1, temperature=TEMPERATURE,
                                  true_vocab_size=VOCAB)
     assert worst_over_ranks((pipelined - single).abs().max(), world) == 0
-
 
 
 def test_bad_inputs_name_what_is_wrong(layouts, tiny_hf):

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_sapo.config import ConfigError, load_config
+from megatron_sapo.config import ConfigError
+from megatron_sapo.config_file import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 SLURM_DIR = REPO / "examples" / "slurm"

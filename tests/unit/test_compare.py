@@ -15,7 +15,8 @@ from megatron_sapo.analysis.compare import register
 from megatron_sapo.analysis.report import DPI, FIGURE_SIZE, plot_comparison
 from megatron_sapo.analysis.runs import RunFolderError
 from megatron_sapo.analysis.summary import collapse_step, trailing_mean
-from megatron_sapo.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig, dump_config
+from megatron_sapo.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig
+from megatron_sapo.config_file import dump_config
 
 pytestmark = pytest.mark.unit
 

@@ -17,9 +17,8 @@ from megatron_sapo.config import (
     RouterConfig,
     RunConfig,
     TrainConfig,
-    dump_config,
-    load_config,
 )
+from megatron_sapo.config_file import dump_config, load_config
 
 pytestmark = pytest.mark.unit
 
