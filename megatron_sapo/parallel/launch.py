@@ -3,8 +3,9 @@
 ``detect_launch()`` reads what the launcher told this process into a ``LaunchInfo``;
 ``init_distributed()`` exports it as the variables torch's ``env://`` rendezvous reads and
 initialises the default process group (gloo without CUDA, NCCL with it, the GPU chosen by local
-rank). ``python -m megatron_sapo.parallel.launch`` runs both plus an all-reduce and prints what
-each rank saw: a check of a cluster launch before a long job.
+rank). ``python -m megatron_sapo.parallel.launch [--report-dir DIR]`` runs both plus an
+all-reduce and prints what each rank saw (and writes it to ``DIR/rank-N.json``, since launchers
+may merge the lines of several ranks): a check of a cluster launch before a long job.
 
 Which launcher, in this order (the first that matches wins):
 
@@ -385,8 +386,9 @@ def _local_device(info: LaunchInfo, device_count: int) -> int:
                       "give each process one GPU or all of them")
 
 
-def _check_launch() -> int:
-    """Initialise, all-reduce (rank + 1, 1) and print one JSON line per rank; 0 when the sums are right."""
+def _check_launch(report_dir: str | None) -> int:
+    """Initialise, all-reduce (rank + 1, 1) and print one JSON line per rank (also written to
+    ``report_dir/rank-N.json`` when given); 0 when the sums are right."""
     import torch
     import torch.distributed as dist
 
@@ -398,13 +400,23 @@ def _check_launch() -> int:
     report = {**asdict(info), "host": socket.gethostname(), "backend": dist.get_backend(),
               "all_reduce": total.tolist(), "expected": expected}
     print(json.dumps(report), flush=True)
+    if report_dir is not None:
+        os.makedirs(report_dir, exist_ok=True)
+        with open(os.path.join(report_dir, f"rank-{info.rank}.json"), "w") as f:
+            json.dump(report, f)
     dist.destroy_process_group()
     return 0 if report["all_reduce"] == expected else 1
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m megatron_sapo.parallel.launch",
+                                     description="Check a multi-process launch: rendezvous and an all-reduce.")
+    parser.add_argument("--report-dir", help="also write each rank's report to DIR/rank-N.json")
+    args = parser.parse_args(argv)
     try:
-        return _check_launch()
+        return _check_launch(args.report_dir)
     except LaunchError as err:
         print(f"launch check: error: {err}", file=sys.stderr)
         return 2

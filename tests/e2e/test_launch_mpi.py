@@ -2,7 +2,8 @@
 init_distributed and all-reduces (rank + 1, 1) over gloo: under `mpirun -n 2`, and as two
 processes given the variables srun gives the two tasks of a one-node step.
 
-Each rank prints one JSON line; both must report their own rank, the same world, master and
+Each rank writes its report to its own file (mpirun may merge the ranks' stdout lines); both
+must report their own rank, the same world, master and
 port, and the sums 1 + 2 = 3 and 1 + 1 = 2.
 """
 
@@ -32,8 +33,9 @@ def clean_env() -> dict:
             and not k.startswith("TORCHELASTIC_")}
 
 
-def reports(stdout: str) -> list[dict]:
-    return sorted((json.loads(line) for line in stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+def reports(report_dir) -> list[dict]:
+    found = [json.loads(path.read_text()) for path in sorted(report_dir.glob("rank-*.json"))]
+    return sorted(found, key=lambda r: r["rank"])
 
 
 def check_two_ranks(found: list[dict], launcher: str) -> None:
@@ -47,27 +49,28 @@ def check_two_ranks(found: list[dict], launcher: str) -> None:
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun is not on PATH (tools/setup_env.sh installs openmpi-bin)")
-def test_mpirun_two_ranks():
+def test_mpirun_two_ranks(tmp_path):
     root = ["--allow-run-as-root"] if os.getuid() == 0 else []
-    proc = subprocess.run([MPIRUN, "-n", "2", "--oversubscribe", *root, *CHECK], env=clean_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([MPIRUN, "-n", "2", "--oversubscribe", *root, *CHECK, "--report-dir", str(tmp_path)],
+                          env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    found = reports(proc.stdout)
+    found = reports(tmp_path)
     check_two_ranks(found, "mpi")
     assert found[0]["master_addr"] == socket.gethostname()  # rank 0's host, broadcast to rank 1
 
 
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun is not on PATH (tools/setup_env.sh installs openmpi-bin)")
-def test_mpirun_port_set_on_rank_0_only_reaches_rank_1():
+def test_mpirun_port_set_on_rank_0_only_reaches_rank_1(tmp_path):
     # Two application contexts (MPMD): only rank 0's environment holds MASTER_PORT.
     with socket.socket() as sock:
         sock.bind(("", 0))
         port = sock.getsockname()[1]
     root = ["--allow-run-as-root"] if os.getuid() == 0 else []
-    command = [MPIRUN, "--oversubscribe", *root, "-n", "1", "-x", f"MASTER_PORT={port}", *CHECK, ":", "-n", "1", *CHECK]
+    check = [*CHECK, "--report-dir", str(tmp_path)]
+    command = [MPIRUN, "--oversubscribe", *root, "-n", "1", "-x", f"MASTER_PORT={port}", *check, ":", "-n", "1", *check]
     proc = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    found = reports(proc.stdout)
+    found = reports(tmp_path)
     check_two_ranks(found, "mpi")
     assert found[1]["master_port"] == port
 
@@ -83,7 +86,7 @@ def free_port_in_slurm_range() -> int:
     pytest.fail("no free port in the range Slurm job ids map to")
 
 
-def test_simulated_srun_step_of_two_tasks():
+def test_simulated_srun_step_of_two_tasks(tmp_path):
     # A job on four nodes whose step runs both tasks on the first one (this host, "localhost");
     # the rendezvous port is derived from the job id, chosen so that it is free here.
     port = free_port_in_slurm_range()
@@ -91,12 +94,13 @@ def test_simulated_srun_step_of_two_tasks():
     base = {**clean_env(), "SLURM_JOB_ID": str(job_id), "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2",
             "SLURM_STEP_NUM_TASKS": "2", "SLURM_TASKS_PER_NODE": "2", "SLURM_STEP_TASKS_PER_NODE": "2",
             "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost,gpu[002-004]", "SLURM_STEP_NODELIST": "localhost"}
-    tasks = [subprocess.Popen(CHECK, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+    check = [*CHECK, "--report-dir", str(tmp_path)]
+    tasks = [subprocess.Popen(check, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outputs = [task.communicate(timeout=300) for task in tasks]
     for task, (out, err) in zip(tasks, outputs):
         assert task.returncode == 0, out + err
-    found = reports("".join(out for out, _ in outputs))
+    found = reports(tmp_path)
     check_two_ranks(found, "slurm")
     assert (found[0]["master_addr"], found[0]["master_port"]) == ("localhost", port)
 
