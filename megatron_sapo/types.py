@@ -11,9 +11,48 @@ router chose while reading token ``t``), which is the same thing, since the toke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
+
+
+@dataclass
+class VisionInputs:
+    """The images of one prompt as the model's processor prepared them for the vision encoder."""
+
+    pixel_values: torch.Tensor
+    """float ``[patches, channels * temporal_patch * patch * patch]``: every image's patches, image
+    after image, in the order of the prompt's image placeholders."""
+    image_grid_thw: torch.Tensor
+    """int64 ``[images, 3]``: each image's (temporal, height, width) size in patches."""
+
+    def __post_init__(self) -> None:
+        grid = self.image_grid_thw
+        if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
+            raise ValueError(f"VisionInputs.image_grid_thw has shape {tuple(grid.shape)}, expected [images >= 1, 3]")
+        if self.pixel_values.ndim != 2 or self.pixel_values.shape[0] != int(grid.prod(dim=1).sum()):
+            raise ValueError(
+                f"VisionInputs.pixel_values has shape {tuple(self.pixel_values.shape)}, expected "
+                f"[{int(grid.prod(dim=1).sum())} patches (the sum of image_grid_thw's products), patch size]")
+
+    @property
+    def num_images(self) -> int:
+        return self.image_grid_thw.shape[0]
+
+    def image_tokens(self, spatial_merge_size: int) -> int:
+        """Number of image tokens these images take in the prompt (patches merged in squares)."""
+        return int(self.image_grid_thw.prod(dim=1).sum()) // spatial_merge_size**2
+
+    @staticmethod
+    def concat(parts: Sequence["VisionInputs | None"]) -> "VisionInputs | None":
+        """The images of several prompts in order, as the model takes them for a batch (None:
+        no images at all)."""
+        present = [p for p in parts if p is not None]
+        if not present:
+            return None
+        return VisionInputs(pixel_values=torch.cat([p.pixel_values for p in present]),
+                            image_grid_thw=torch.cat([p.image_grid_thw for p in present]))
 
 
 @dataclass
@@ -28,6 +67,11 @@ class Prompt:
     """Reference answer for the reward function (None for reward functions that need none)."""
     text: str | None = None
     """The prompt as text, kept for logs."""
+    images: list[bytes] | None = None
+    """Encoded image files (PNG/JPEG) of a multimodal prompt, in the order of its image
+    placeholders; ``prompt_ids`` already hold each image's expanded ``<|image_pad|>`` tokens."""
+    vision: VisionInputs | None = None
+    """The same images through the model's processor, for the trainer (None without images)."""
 
 
 @dataclass
@@ -95,8 +139,10 @@ class RolloutBatch:
 class TrainBatch:
     """Padded tensors for the trainer; row ``i`` is sample ``i`` of the rollout batch.
 
-    All tensors are ``[B, T]`` (``routes``: ``[B, T, moe_layers, top_k]``) on the same device;
-    see the module docstring for the alignment of positions and tokens.
+    All tensors are ``[B, T]`` (``routes``: ``[B, T, moe_layers, top_k]``, ``position_ids``:
+    ``[3, B, T]``) on the same device; see the module docstring for the alignment of positions
+    and tokens. Vision-language models also get each row's images (``vision``) and multimodal
+    RoPE positions; text models leave both None.
     """
 
     tokens: torch.Tensor
@@ -113,13 +159,23 @@ class TrainBatch:
     """float log-prob of each target under the trainer's policy before the update."""
     routes: torch.Tensor | None = None
     """int32 experts to replay per input position (R2: recorded; R3: from the rollout)."""
+    position_ids: torch.Tensor | None = None
+    """int64 ``[3, B, T]`` multimodal RoPE positions (temporal, height, width); None: ``0..T-1``."""
+    vision: list[VisionInputs | None] | None = None
+    """Per row, the images of the row's prompt (None for a text-only row); samples of one prompt
+    share one object. None for text models."""
 
     @property
     def batch_size(self) -> int:
         return self.tokens.shape[0]
 
+    @property
+    def vision_inputs(self) -> VisionInputs | None:
+        """All rows' images in row order, as the model takes them (None: no row has images)."""
+        return None if self.vision is None else VisionInputs.concat(self.vision)
+
     def select(self, rows: slice | torch.Tensor) -> "TrainBatch":
-        """The rows ``rows`` of every tensor (a minibatch or microbatch)."""
+        """The rows ``rows`` of every tensor (a minibatch or microbatch), with their images."""
 
         def pick(t):
             return None if t is None else t[rows]
@@ -127,4 +183,14 @@ class TrainBatch:
         return TrainBatch(
             tokens=self.tokens[rows], targets=self.targets[rows], loss_mask=self.loss_mask[rows],
             advantages=self.advantages[rows], rollout_logprobs=self.rollout_logprobs[rows],
-            old_logprobs=pick(self.old_logprobs), routes=pick(self.routes))
+            old_logprobs=pick(self.old_logprobs), routes=pick(self.routes),
+            position_ids=None if self.position_ids is None else self.position_ids[:, rows],
+            vision=None if self.vision is None else _pick_rows(self.vision, rows))
+
+
+def _pick_rows(items: list, rows: slice | torch.Tensor) -> list:
+    """``items[rows]`` for a slice, an index tensor or a boolean mask, as tensor indexing does."""
+    if isinstance(rows, slice):
+        return items[rows]
+    index = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.flatten()
+    return [items[i] for i in index.tolist()]

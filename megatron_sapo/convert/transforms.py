@@ -77,3 +77,43 @@ class FuseGLU:
     def to_hf(self, tensor):
         gate, up = tensor.chunk(2, dim=0)
         return gate.contiguous(), up.contiguous()
+
+
+@dataclass(frozen=True)
+class FlattenPatchConv:
+    """A patch-embedding ``Conv3d`` weight ``[D, C, T, P, P]`` (kernel = stride, so one patch per
+    output) <-> the equivalent linear weight ``[D, C*T*P*P]`` applied to flattened patches."""
+
+    kernel: tuple[int, ...]
+    """``(C, T, P, P)``: input channels, temporal patch size, patch size twice."""
+
+    def to_megatron(self, tensors):
+        (tensor,) = tensors
+        if tuple(tensor.shape[1:]) != tuple(self.kernel):
+            raise ValueError(f"patch-embedding kernel has shape {tuple(tensor.shape[1:])}; config.json says "
+                             f"{tuple(self.kernel)}")
+        return tensor.reshape(tensor.shape[0], -1)
+
+    def to_hf(self, tensor):
+        return (tensor.reshape(tensor.shape[0], *self.kernel).contiguous(),)
+
+
+@dataclass(frozen=True)
+class SplitFusedQKV:
+    """One fused HF ``qkv`` projection ``[q; k; v]`` (all heads of each, as in vision towers) <->
+    Megatron's ``linear_qkv`` grouped by head (see ``FuseQKV``)."""
+
+    num_heads: int
+    num_groups: int
+    head_dim: int
+
+    def to_megatron(self, tensors):
+        (tensor,) = tensors
+        q_rows = self.num_heads * self.head_dim
+        kv_rows = self.num_groups * self.head_dim
+        q, k, v = tensor.split([q_rows, kv_rows, kv_rows], dim=0)
+        return FuseQKV(self.num_heads, self.num_groups, self.head_dim).to_megatron((q, k, v))
+
+    def to_hf(self, tensor):
+        q, k, v = FuseQKV(self.num_heads, self.num_groups, self.head_dim).to_hf(tensor)
+        return (torch.cat([q, k, v], dim=0),)

@@ -41,6 +41,9 @@ class Qwen3MoeSpec:
     rotary_base: float
     tie_word_embeddings: bool
     moe_layers: tuple[bool, ...]
+    fused_experts: bool = False
+    """Whether the HF checkpoint stores each layer's experts as fused tensors (Qwen3-VL-MoE);
+    the table always names experts one by one (see ``convert/hf_layout.py``)."""
 
 
 def te_available() -> bool:
@@ -92,9 +95,25 @@ def from_hf_config(
     use_te: bool = False,
 ) -> Qwen3MoeSpec:
     """Derive the Megatron-Core config of a Qwen3-MoE ``config.json`` for a parallel layout."""
+    check_architecture(hf)
+    return text_model_spec(hf, parallel, router=router, params_dtype=params_dtype, vocab_divisor=vocab_divisor,
+                           use_te=use_te)
+
+
+def text_model_spec(
+    hf: dict,
+    parallel: ParallelConfig,
+    *,
+    router: RouterConfig | None = None,
+    params_dtype: torch.dtype = torch.float32,
+    vocab_divisor: int = 128,
+    use_te: bool = False,
+    extra_fields: dict | None = None,
+) -> Qwen3MoeSpec:
+    """The spec of a Qwen3-MoE text model from its (text) config fields, whatever model holds it;
+    ``extra_fields`` are further ``TransformerConfig`` fields (e.g. multimodal RoPE sections)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    check_architecture(hf)
     router = router or RouterConfig()
     hidden, heads = _require(hf, "hidden_size"), _require(hf, "num_attention_heads")
     kv_heads = hf.get("num_key_value_heads") or heads
@@ -165,6 +184,7 @@ def from_hf_config(
             moe_grouped_gemm=use_te,
             moe_permute_fusion=False,
         )
+    fields.update(extra_fields or {})
     vocab = _require(hf, "vocab_size")
     return Qwen3MoeSpec(
         config=TransformerConfig(**fields),
@@ -177,7 +197,8 @@ def from_hf_config(
     )
 
 
-def build_model(spec: Qwen3MoeSpec, pg_collection, *, use_te: bool = False, pp_rank: int = 0):
+def build_model(spec: Qwen3MoeSpec, pg_collection, *, use_te: bool = False, pp_rank: int = 0,
+                position_embedding_type: str = "rope"):
     """A ``GPTModel`` holding this rank's share of the model (stage ``pp_rank`` under PP)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -194,7 +215,7 @@ def build_model(spec: Qwen3MoeSpec, pg_collection, *, use_te: bool = False, pp_r
         post_process=pp_rank == pp_size - 1,
         parallel_output=True,
         share_embeddings_and_output_weights=spec.tie_word_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type=position_embedding_type,
         rotary_base=int(spec.rotary_base),
         pg_collection=pg_collection,
     )
@@ -207,15 +228,22 @@ def build_model(spec: Qwen3MoeSpec, pg_collection, *, use_te: bool = False, pp_r
 
 def weight_table(spec: Qwen3MoeSpec) -> MappingTable:
     """Every Megatron parameter of the model and the HF tensors it is made of."""
+    return MappingTable(text_entries(spec))
+
+
+def text_entries(spec: Qwen3MoeSpec, megatron_prefix: str = "", hf_prefix: str = "model.") -> list[WeightMap]:
+    """The table's rows for a Qwen3-MoE text model whose Megatron names start with
+    ``megatron_prefix`` and whose HF names (but ``lm_head``) start with ``hf_prefix``."""
     cfg = spec.config
     vocab = PadVocab(spec.vocab_size, spec.padded_vocab_size)
     qkv = FuseQKV(cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels)
-    layer, hf_layer = "decoder.layers.{layer}", "model.layers.{layer}"
+    layer, hf_layer = f"{megatron_prefix}decoder.layers.{{layer}}", f"{hf_prefix}layers.{{layer}}"
     attn, hf_attn = f"{layer}.self_attention", f"{hf_layer}.self_attn"
     hf_expert = f"{hf_layer}.mlp.experts.{{expert}}"
     entries = [
-        WeightMap("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), vocab, Split(0)),
-        WeightMap("decoder.final_layernorm.weight", ("model.norm.weight",)),
+        WeightMap(f"{megatron_prefix}embedding.word_embeddings.weight", (f"{hf_prefix}embed_tokens.weight",), vocab,
+                  Split(0)),
+        WeightMap(f"{megatron_prefix}decoder.final_layernorm.weight", (f"{hf_prefix}norm.weight",)),
         WeightMap(f"{attn}.linear_qkv.weight",
                   (f"{hf_attn}.q_proj.weight", f"{hf_attn}.k_proj.weight", f"{hf_attn}.v_proj.weight"), qkv, Split(0)),
         WeightMap(f"{attn}.linear_proj.weight", (f"{hf_attn}.o_proj.weight",), split=Split(1)),
@@ -243,8 +271,8 @@ def weight_table(spec: Qwen3MoeSpec) -> MappingTable:
             WeightMap(fc2, (f"{hf_expert}.down_proj.weight",), split=Split(1), group="expert_tp"),
         ]
     if not spec.tie_word_embeddings:
-        entries.append(WeightMap("output_layer.weight", ("lm_head.weight",), vocab, Split(0)))
-    return MappingTable(entries)
+        entries.append(WeightMap(f"{megatron_prefix}output_layer.weight", ("lm_head.weight",), vocab, Split(0)))
+    return entries
 
 
 def _num_experts(hf: dict) -> int:
@@ -263,4 +291,5 @@ def _require(hf: dict, key: str):
     return hf[key]
 
 
-__all__ = ["Qwen3MoeSpec", "build_model", "from_hf_config", "moe_layer_pattern", "read_hf_config", "weight_table"]
+__all__ = ["Qwen3MoeSpec", "build_model", "from_hf_config", "moe_layer_pattern", "read_hf_config", "text_entries",
+           "text_model_spec", "weight_table"]
