@@ -1,0 +1,151 @@
+"""Qwen3-VL-MoE: HF config -> Megatron configs, multimodal RoPE positions, vision resampling.
+
+Positions and resampling are checked against transformers' own functions, on grids that are
+not square and images of several sizes.
+"""
+
+import pytest
+import torch
+
+from megatron_sapo import torchvision_compat
+from megatron_sapo.config import ConfigError, ParallelConfig
+from megatron_sapo.models import qwen3_vl
+from megatron_sapo.models.tiny_vl import TINY_QWEN3_VL_MOE
+
+pytestmark = pytest.mark.unit
+
+# Qwen/Qwen3-VL-30B-A3B-Instruct's config.json (the fields the derivation reads).
+QWEN3_VL_30B_A3B = dict(
+    architectures=["Qwen3VLMoeForConditionalGeneration"], model_type="qwen3_vl_moe",
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=False,
+    text_config=dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, max_position_embeddings=262144,
+        rope_parameters=dict(rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20],
+                             mrope_interleaved=True)),
+    vision_config=dict(
+        depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, hidden_act="gelu_pytorch_tanh",
+        in_channels=3, patch_size=16, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=2048,
+        num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+)
+
+
+def test_qwen3_vl_30b_a3b_fields():
+    spec = qwen3_vl.from_hf_config(QWEN3_VL_30B_A3B, ParallelConfig(tp=4, ep=8))
+    text, vision = spec.config, spec.vision.config
+    assert (text.num_layers, text.hidden_size, text.num_query_groups, text.kv_channels) == (48, 2048, 4, 128)
+    assert (text.num_moe_experts, text.moe_router_topk, text.moe_ffn_hidden_size) == (128, 8, 768)
+    assert text.moe_router_pre_softmax is False  # the VL router always renormalises its top-k
+    assert text.mrope_section == [24, 20, 20] and spec.mrope_interleaved and spec.text.rotary_base == 5e6
+    assert (vision.num_layers, vision.hidden_size, vision.num_attention_heads, vision.ffn_hidden_size) == \
+        (27, 1152, 16, 4304)
+    assert vision.normalization == "LayerNorm" and vision.add_bias_linear and not vision.gated_linear_unit
+    assert vision.tensor_model_parallel_size == 4 and not vision.sequence_parallel
+    assert spec.vision.patch_dim == 3 * 2 * 16 * 16 and spec.vision.deepstack_visual_indexes == (8, 16, 24)
+    assert spec.fused_experts and spec.padded_vocab_size == 152064 and spec.image_token_id == 151655
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(text_config={"rope_parameters": {"rope_type": "default", "mrope_section": [4, 3, 2]}}), "mrope_section"),
+    (dict(vision_config={"num_heads": 3}), "num_heads=3 is not divisible by parallel.tp=2"),
+    (dict(vision_config={"out_hidden_size": 40}), "out_hidden_size=40"),
+    (dict(vision_config={"hidden_act": "quick_gelu"}), "hidden_act"),
+    (dict(model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"]), "unsupported architecture"),
+])
+def test_bad_configs_are_refused_by_field(change, message):
+    hf = {**TINY_QWEN3_VL_MOE, **{k: v for k, v in change.items() if not k.endswith("_config")}}
+    for key in ("text_config", "vision_config"):
+        hf[key] = {**TINY_QWEN3_VL_MOE[key], **change.get(key, {})}
+    with pytest.raises(ConfigError, match=message):
+        qwen3_vl.from_hf_config(hf, ParallelConfig(tp=2))
+
+
+def test_deepstack_layers_must_sit_on_the_first_stage():
+    qwen3_vl.from_hf_config(TINY_QWEN3_VL_MOE, ParallelConfig(pp=2))  # 3 of 6 layers on stage 0: fine
+    with pytest.raises(ConfigError, match="3 deepstack layers must sit on the first pipeline stage"):
+        qwen3_vl.from_hf_config(TINY_QWEN3_VL_MOE, ParallelConfig(pp=3))
+
+
+@pytest.fixture(scope="module")
+def hf_vl_model():
+    torchvision_compat.ensure_importable()
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    fields = {k: v for k, v in TINY_QWEN3_VL_MOE.items() if k not in ("architectures", "model_type")}
+    return Qwen3VLMoeForConditionalGeneration(Qwen3VLMoeConfig(**fields)).eval()
+
+
+IMAGE = TINY_QWEN3_VL_MOE["image_token_id"]
+
+
+def placeholders(t, h, w):
+    return [IMAGE] * (t * h * w // 4)
+
+
+@pytest.mark.parametrize("rows, grids", [
+    ([[5, 6, 101, *placeholders(1, 4, 6), 102, 7, 8]], [[1, 4, 6]]),
+    ([[101, *placeholders(1, 8, 4), 102, 3, 101, *placeholders(1, 2, 2), 102, 9]], [[1, 8, 4], [1, 2, 2]]),
+    ([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]], []),
+])
+def test_mrope_positions_equal_transformers(hf_vl_model, rows, grids):
+    ids = torch.tensor(rows)
+    grid = torch.tensor(grids) if grids else None
+    ours = qwen3_vl.mrope_position_ids(ids, grid, image_token_id=IMAGE, spatial_merge_size=2)
+    token_types = (ids == IMAGE).int()
+    theirs, _ = hf_vl_model.model.get_rope_index(ids, token_types, grid)
+    assert torch.equal(ours, theirs)
+
+
+def test_mrope_positions_run_through_rows_in_order():
+    a = [7, *placeholders(1, 2, 4), 8]
+    b = [9, *placeholders(1, 4, 2), 3]
+    both = qwen3_vl.mrope_position_ids(torch.tensor([a, b]), torch.tensor([[1, 2, 4], [1, 4, 2]]),
+                                       image_token_id=IMAGE, spatial_merge_size=2)
+    second = qwen3_vl.mrope_position_ids(torch.tensor([b]), torch.tensor([[1, 4, 2]]), image_token_id=IMAGE,
+                                         spatial_merge_size=2)
+    assert torch.equal(both[:, 1:], second)
+
+
+def test_mrope_positions_refuse_mismatched_images():
+    with pytest.raises(ValueError, match="no image left"):
+        qwen3_vl.mrope_position_ids(torch.tensor([[1, IMAGE, IMAGE]]), None, image_token_id=IMAGE,
+                                    spatial_merge_size=2)
+    with pytest.raises(ValueError, match="fewer follow"):
+        qwen3_vl.mrope_position_ids(torch.tensor([[1, *placeholders(1, 2, 4)[:-1], 5]]), torch.tensor([[1, 2, 4]]),
+                                    image_token_id=IMAGE, spatial_merge_size=2)
+    with pytest.raises(ValueError, match="more images"):
+        qwen3_vl.mrope_position_ids(torch.tensor([[1, 2]]), torch.tensor([[1, 2, 2]]), image_token_id=IMAGE,
+                                    spatial_merge_size=2)
+
+
+def test_interleaved_axes_match_transformers_recomposition(hf_vl_model):
+    rotary = hf_vl_model.model.language_model.rotary_emb
+    section = tuple(TINY_QWEN3_VL_MOE["text_config"]["rope_parameters"]["mrope_section"])
+    freqs = torch.stack([torch.full((1, 1, 10), float(axis)) for axis in range(3)])  # value = axis index
+    expected = rotary.recomposition_frequencies(freqs.clone())[0, 0, :10].long()
+    assert torch.equal(qwen3_vl._mrope_axis_of_frequency(section, 10), expected)
+
+
+@pytest.mark.parametrize("grids", [[[1, 4, 6]], [[1, 8, 4], [2, 2, 2]], [[1, 2, 10]]])
+def test_position_table_resampling_and_rotary_positions_equal_transformers(hf_vl_model, grids):
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights, get_vision_position_ids
+
+    grid = torch.tensor(grids)
+    table = torch.randn(16, 5)
+    index, weight = qwen3_vl.vision_position_embedding_taps(grid, side=4, merge=2)
+    ref_index, ref_weight = get_vision_interpolation_indices_and_weights(grid, 4, mode="bilinear", align_corners=True,
+                                                                         spatial_merge_size=2)
+    ours = (table[index] * weight[..., None]).sum(1)
+    theirs = (table[ref_index] * ref_weight[..., None]).sum(1)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert torch.equal(qwen3_vl.vision_rotary_positions(grid, merge=2), get_vision_position_ids(grid, 2))
+
+
+def test_attention_stays_within_each_frame():
+    mask = qwen3_vl._block_diagonal_mask(torch.tensor([[1, 2, 2], [2, 1, 2]]), "cpu")[0, 0]
+    allowed = ~mask
+    assert allowed.shape == (8, 8)
+    assert allowed[:4, :4].all() and allowed[4:6, 4:6].all() and allowed[6:, 6:].all()
+    assert int(allowed.sum()) == 16 + 4 + 4
