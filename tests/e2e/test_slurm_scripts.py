@@ -100,6 +100,17 @@ def test_30b_configs_differ_only_in_the_algorithm():
     assert sapo.train.routing_replay == gspo.train.routing_replay == "none"
 
 
+def test_vl_30b_config_is_the_text_run_with_images():
+    vl = load_config(REPO / "examples" / "qwen3_vl_30b_a3b" / "sapo.toml", ["train.out_dir=runs/x"])
+    text = load_30b("sapo")
+    assert vl.model.hf_dir.endswith("Qwen3-VL-30B-A3B-Instruct") and vl.data.image_key == "images"
+    assert (vl.parallel, vl.loss, vl.rollout, vl.optimizer) == (text.parallel, text.loss, text.rollout, text.optimizer)
+    assert vl.train.max_seq_len >= vl.data.max_prompt_tokens + vl.rollout.max_new_tokens
+    plan = plan_job(vl, [f"gpu{i:03d}" for i in range(1, 7)], rollout_nodes=2, gpus_per_node=8, cpus_per_node=96,
+                    server_port=30000)
+    assert (plan.data_parallel, plan.server_tp, plan.servers_per_node) == (8, 4, 2)
+
+
 # ---- sbatch headers --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
