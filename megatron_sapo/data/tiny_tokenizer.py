@@ -7,8 +7,14 @@ small enough for the tiny model (vocab_size 301) and makes every answer digit it
 
 The vocabulary is printable ASCII plus newline and tab (ids 0-96, in character order), then
 ``<|endoftext|>`` (padding), ``<|im_start|>``, ``<|im_end|>`` (end of a turn: EOS) and
-``<|unk|>`` for characters outside it. Text made of those characters round-trips exactly.
-The chat template is Qwen's turn format without tools or thinking blocks.
+``<|unk|>`` for characters outside it, then Qwen-VL's vision tokens ``<|vision_start|>``,
+``<|vision_end|>``, ``<|image_pad|>`` and ``<|video_pad|>`` (ids 101-104, appended so that the
+ids of the text demo never change). Text made of those characters round-trips exactly.
+
+The chat template is Qwen's turn format without tools or thinking blocks. A message's content
+is either a string or, as in Qwen-VL, a list of parts: ``{"type": "text", "text": ...}`` and
+``{"type": "image"}``, the latter rendered as one ``<|vision_start|><|image_pad|><|vision_end|>``
+that the Qwen-VL processor expands to the image's number of tokens.
 """
 
 from __future__ import annotations
@@ -19,13 +25,24 @@ from megatron_sapo import torchvision_compat
 
 CHARACTERS: tuple[str, ...] = tuple(chr(c) for c in range(32, 127)) + ("\n", "\t")
 PAD_TOKEN, BOS_OF_TURN, EOS_TOKEN, UNK_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|unk|>"
-SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_OF_TURN, EOS_TOKEN, UNK_TOKEN)
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_OF_TURN, EOS_TOKEN, UNK_TOKEN,
+                                   VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 VOCAB: dict[str, int] = {token: i for i, token in enumerate(CHARACTERS + SPECIAL_TOKENS)}
 PAD_ID, EOS_ID = VOCAB[PAD_TOKEN], VOCAB[EOS_TOKEN]
+VISION_START_ID, VISION_END_ID = VOCAB[VISION_START], VOCAB[VISION_END]
+IMAGE_PAD_ID, VIDEO_PAD_ID = VOCAB[IMAGE_PAD], VOCAB[VIDEO_PAD]
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' %}{{- part['text'] }}"
+    "{%- else %}{{- raise_exception('unsupported content part type: ' + part['type']) }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )

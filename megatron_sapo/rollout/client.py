@@ -8,11 +8,19 @@ malformed or aborted output) is retried on another server after a backoff, up to
 ``max_retries`` times; a caller-provided ``on_failure`` hook (the server manager) may restart
 a dead server meanwhile. When retries run out the whole call fails with :class:`RolloutError`:
 a batch is never silently short.
+
+A prompt with images (Qwen-VL) is sent as ``input_ids`` plus ``image_data`` (one base64 data URI
+per image). Our ``prompt_ids`` hold each image already expanded by the processor into its run of
+``<|image_pad|>`` tokens, but SGLang 0.5.23 expands ``input_ids`` itself, one image per pad
+token (expanded ids fail with an HTTP 500): each run is therefore collapsed to one pad token in
+the request. The server's expansion must give back ``prompt_ids`` exactly, which the answer's
+``prompt_tokens`` confirms, so log-probs and routed experts stay aligned with ``prompt_ids``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -61,7 +69,10 @@ class RoutedExperts:
 class RolloutClient:
     def __init__(self, urls: list[str], *, request_timeout_s: float = 600.0, max_retries: int = 3,
                  backoff_s: float = 1.0, routed_experts: RoutedExperts | None = None,
-                 on_failure: Callable[[str], Awaitable[None] | None] | None = None) -> None:
+                 on_failure: Callable[[str], Awaitable[None] | None] | None = None,
+                 image_token_id: int | None = None) -> None:
+        """``image_token_id``: the model's image placeholder (``config.json`` ``image_token_id``),
+        needed only for prompts with images."""
         if not urls:
             raise ValueError("RolloutClient needs at least one server URL")
         self.urls = [u.rstrip("/") for u in urls]
@@ -70,6 +81,7 @@ class RolloutClient:
         self.backoff_s = backoff_s
         self.routed_experts = routed_experts
         self.on_failure = on_failure
+        self.image_token_id = image_token_id
         self.retries = 0
         """Requests retried since the client was made (for metrics)."""
         self._in_flight = dict.fromkeys(self.urls, 0)
@@ -90,15 +102,16 @@ class RolloutClient:
             raise ValueError(f"seeds must be [{len(prompts)} prompts][{group_size} samples]")
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            jobs = [self._sample(session, p.prompt_ids, sampling, seeds[i][j], f"{rid_prefix}-{p.index}-{j}")
+            jobs = [self._sample(session, p, sampling, seeds[i][j], f"{rid_prefix}-{p.index}-{j}")
                     for i, p in enumerate(prompts) for j in range(group_size)]
             samples = await asyncio.gather(*jobs)
         return [Group(prompt=p, samples=list(samples[i * group_size:(i + 1) * group_size]))
                 for i, p in enumerate(prompts)]
 
-    async def _sample(self, session, prompt_ids: list[int], sampling: SamplingParams, seed: int | None,
+    async def _sample(self, session, prompt: Prompt, sampling: SamplingParams, seed: int | None,
                       rid: str) -> Sample:
-        body = {"input_ids": list(prompt_ids), "sampling_params": sampling.to_request(seed), "rid": rid,
+        prompt_ids = prompt.prompt_ids
+        body = {**self._prompt_request(prompt), "sampling_params": sampling.to_request(seed), "rid": rid,
                 "return_logprob": True, "logprob_start_len": len(prompt_ids) - 1}
         if self.routed_experts is not None:
             body["return_routed_experts"] = True
@@ -122,6 +135,20 @@ class RolloutClient:
                 body["rid"] = f"{rid}-retry{attempt + 1}"
         raise RolloutError(f"request {rid} failed {len(failures)} times: " + "; ".join(failures))
 
+    def _prompt_request(self, prompt: Prompt) -> dict:
+        """The prompt part of a ``/generate`` body: ``input_ids``, and ``image_data`` with images."""
+        if not prompt.images:
+            return {"input_ids": list(prompt.prompt_ids)}
+        if self.image_token_id is None:
+            raise ValueError(f"prompt {prompt.index} has images but the RolloutClient was made without "
+                             "image_token_id (the model's config.json image_token_id)")
+        input_ids = collapse_image_runs(prompt.prompt_ids, self.image_token_id)
+        runs = input_ids.count(self.image_token_id)
+        if runs != len(prompt.images):
+            raise ValueError(f"prompt {prompt.index} carries {len(prompt.images)} image(s) but its prompt_ids hold "
+                             f"{runs} run(s) of the image token {self.image_token_id}")
+        return {"input_ids": input_ids, "image_data": [image_data_uri(image) for image in prompt.images]}
+
     async def _report_failure(self, url: str) -> None:
         if self.on_failure is not None:
             result = self.on_failure(url)
@@ -140,6 +167,10 @@ class RolloutClient:
             raise _BadOutput(f"unknown finish reason {finish!r}")
         if finish == "abort":
             raise _BadOutput("generation was aborted")
+        if meta.get("prompt_tokens") is not None and meta["prompt_tokens"] != len(prompt_ids):
+            raise RolloutError(f"the server read the prompt as {meta['prompt_tokens']} tokens, we have "
+                               f"{len(prompt_ids)}: its processor expands images differently from ours (a "
+                               "different processor_config.json in the served folder?)")
         logprobs = [entry[0] for entry in token_logprobs]
         if len(logprobs) != len(response_ids) or [int(e[1]) for e in token_logprobs] != response_ids:
             raise _BadOutput(f"{len(response_ids)} output tokens but log-probs for {len(logprobs)} "
@@ -194,3 +225,21 @@ class RolloutClient:
             response = requests.post(f"{url}{path}", json=body, timeout=self.request_timeout_s)
             if response.status_code != 200:
                 raise RolloutError(f"{url}{path}: HTTP {response.status_code}: {response.text[:200]}")
+
+
+def collapse_image_runs(prompt_ids: list[int], image_token_id: int) -> list[int]:
+    """``prompt_ids`` with every run of consecutive ``image_token_id`` reduced to one token (the
+    form SGLang expands itself). Images are separated by vision start/end tokens, so each run is
+    one image."""
+    return [t for i, t in enumerate(prompt_ids)
+            if t != image_token_id or i == 0 or prompt_ids[i - 1] != image_token_id]
+
+
+_IMAGE_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
+                     (b"RIFF", "image/webp"))
+
+
+def image_data_uri(data: bytes) -> str:
+    """An encoded image file as a base64 data URI (SGLang decodes the bytes whatever the type says)."""
+    mime = next((m for signature, m in _IMAGE_SIGNATURES if data.startswith(signature)), "application/octet-stream")
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")

@@ -22,6 +22,9 @@ from megatron_sapo.models.qwen3_moe import moe_layer_pattern
 
 SHIM_DIR = Path(__file__).with_name("cpu_shim")
 
+# SGLang 0.5.23's Qwen3-VL-MoE text model hard-codes this many deepstack inputs.
+SGLANG_DEEPSTACK_INPUTS = 3
+
 # KV-cache size on CPU: SGLang sizes its pools from device memory, which means nothing on CPU.
 CPU_MAX_TOTAL_TOKENS = 16384
 
@@ -61,23 +64,41 @@ class UnservableModel(ValueError):
 
 
 def check_servable(model_dir: str | Path) -> None:
-    """Refuse checkpoints SGLang 0.5.23 would load without error but run wrongly.
+    """Refuse checkpoints SGLang 0.5.23 would load without error but run wrongly (or crash on).
 
-    Its Qwen3-MoE model treats every layer as an MoE layer and ignores ``mlp_only_layers`` and
-    ``decoder_sparse_step``: the dense layers' weights are then never loaded and those layers
-    run on uninitialised expert weights (NaN logits in bf16, wrong ones in fp32). Published
-    Qwen3-MoE checkpoints have no dense layers; this catches custom ones.
+    Its Qwen3-MoE model, which Qwen3-VL-MoE's text side reuses, treats every layer as an MoE
+    layer and ignores ``mlp_only_layers`` and ``decoder_sparse_step``: the dense layers' weights
+    are then never loaded and those layers run on uninitialised expert weights (NaN logits in
+    bf16, wrong ones in fp32). Published checkpoints have no dense layers; this catches custom
+    ones. Its Qwen3-VL-MoE text model also adds exactly three deepstack inputs whatever the
+    vision config says: with fewer it crashes on the first image, with more it drops the rest
+    and serves wrong log-probs on image prompts (measured on a tiny model: 2e-2 off, other
+    greedy tokens). Fewer than three text layers is fine: transformers drops the deepstack
+    inputs past the last layer as well.
     """
     config_path = Path(model_dir) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json there (expected a Hugging Face checkpoint)")
     hf = json.loads(config_path.read_text())
-    if hf.get("model_type") == "qwen3_moe":
-        dense = [i for i, moe in enumerate(moe_layer_pattern(hf)) if not moe]
-        if dense:
+    model_type = hf.get("model_type")
+    if model_type == "qwen3_moe":
+        _refuse_dense_layers(hf, f"{config_path}", "Qwen3-MoE")
+    elif model_type == "qwen3_vl_moe":
+        _refuse_dense_layers(hf.get("text_config") or {}, f"{config_path} text_config", "Qwen3-VL-MoE")
+        deepstack = (hf.get("vision_config") or {}).get("deepstack_visual_indexes") or []
+        if len(deepstack) != SGLANG_DEEPSTACK_INPUTS:
             raise UnservableModel(
-                f"{config_path}: layers {dense} are dense (mlp_only_layers / decoder_sparse_step), but SGLang serves "
-                "every Qwen3-MoE layer as MoE and would run them with unloaded weights")
+                f"{config_path}: vision_config.deepstack_visual_indexes has {len(deepstack)} entries "
+                f"({list(deepstack)}), but SGLang's Qwen3-VL-MoE adds exactly {SGLANG_DEEPSTACK_INPUTS} deepstack "
+                "inputs to the text layers (fewer crash it, more are dropped and the outputs are wrong)")
+
+
+def _refuse_dense_layers(text: dict, source: str, family: str) -> None:
+    dense = [i for i, moe in enumerate(moe_layer_pattern(text)) if not moe]
+    if dense:
+        raise UnservableModel(
+            f"{source}: layers {dense} are dense (mlp_only_layers / decoder_sparse_step), but SGLang serves "
+            f"every {family} text layer as MoE and would run them with unloaded weights")
 
 
 def default_device() -> str:
