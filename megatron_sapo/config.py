@@ -219,7 +219,9 @@ class OptimizerConfig:
 
 # Models built from a config with no download (megatron_sapo.models.tiny); kept here as names so
 # that loading a config does not import torch.
-BUILTIN_MODELS: tuple[str, ...] = ("tiny-qwen3-moe",)
+BUILTIN_MODELS: tuple[str, ...] = ("tiny-qwen3-moe", "tiny-qwen3-vl-moe")
+VISION_BUILTIN_MODELS: tuple[str, ...] = ("tiny-qwen3-vl-moe",)
+"""The built-in models that read images."""
 PARAMS_DTYPES: tuple[str, ...] = ("fp32", "bf16")
 ROLLOUT_MODES: tuple[str, ...] = ("colocated", "disaggregated")
 WEIGHT_SYNC_METHODS: tuple[str, ...] = ("tensor", "distributed", "disk")
@@ -261,8 +263,9 @@ class ModelConfig:
     hf_dir: str | None = None
     """Hugging Face checkpoint folder (config.json, safetensors, tokenizer)."""
     builtin: str | None = None
-    """Name of a model built from a config with no download ("tiny-qwen3-moe"); it is saved,
-    with the tiny character tokenizer, into the run's output folder."""
+    """Name of a model built from a config with no download ("tiny-qwen3-moe", or the
+    vision-language "tiny-qwen3-vl-moe"); it is saved, with the tiny character tokenizer (and
+    the image processor), into the run's output folder."""
     params_dtype: Literal["fp32", "bf16"] = "bf16"
     """Precision of the trained parameters ("fp32" for CPU demos, "bf16" on GPUs)."""
 
@@ -407,6 +410,10 @@ class DataConfig:
     {role, content} messages. Dots reach into nested objects ("extra.question")."""
     answer_key: str = "answer"
     """Field holding the reference answer (a string or a number) given to the reward function."""
+    image_key: str = "images"
+    """Field holding a problem's images: a list of image files (paths relative to the prompt
+    file, or absolute; parquet may hold bytes). Rows without it are text-only; ``<image>`` in
+    the prompt marks where each image goes (unmarked: before the first user message's text)."""
     system_prompt: str | None = None
     """System message placed before every prompt (prompts that carry their own are refused)."""
     reward: str | None = None
@@ -430,7 +437,7 @@ class DataConfig:
                 "data.val_path is only used with data.train_path; a data.task has its own validation split")
         for key in ("train_path", "val_path", "task", "system_prompt", "reward"):
             _check_text(f"data.{key}", getattr(self, key), optional=True)
-        for key in ("prompt_key", "answer_key"):
+        for key in ("prompt_key", "answer_key", "image_key"):
             _check_text(f"data.{key}", getattr(self, key))
         _check_positive("data.reward_timeout_s", self.reward_timeout_s)
         _check_bool("data.shuffle", self.shuffle)
@@ -551,6 +558,11 @@ class RunConfig:
             raise ConfigError("eval.every > 0 needs validation prompts: set data.val_path or use a data.task")
         if self.train.sft_steps and self.data.task is None:
             raise ConfigError("train.sft_steps > 0 needs a data.task (the cold start uses its worked pairs)")
+        task = get_task(self.data.task) if self.data.task is not None else None
+        if task is not None and task.has_images:
+            if self.model.builtin is not None and self.model.builtin not in VISION_BUILTIN_MODELS:
+                raise ConfigError(f"data.task = {self.data.task!r} has images, which model.builtin = "
+                                  f"{self.model.builtin!r} cannot read (use one of {', '.join(VISION_BUILTIN_MODELS)})")
 
 
     def data_parallel_size(self, world_size: int) -> int:

@@ -29,7 +29,7 @@ from megatron_sapo.config_file import dump_config
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.rollout.client import RolloutClient, RoutedExperts, SamplingParams
 from megatron_sapo.rollout.weight_sync import ServerEndpoint, WeightSync
-from megatron_sapo.training.batch import build_train_batch
+from megatron_sapo.training.batch import build_train_batch, image_layout
 from megatron_sapo.training.checkpoint import TrainerState, find_latest, load_checkpoint, save_checkpoint
 from megatron_sapo.training.logprobs import compute_logprobs
 from megatron_sapo.training.routing_replay import RoutingReplay
@@ -88,12 +88,16 @@ def rl_step(run: Run) -> dict[str, float]:
         batch.old_logprobs = old_logprobs(run, batch)
         if cfg.train.routing_replay == "r2":
             batch.routes = run.routing.recorded
+    update_metrics, agreement = [], None
     with run.timed("train"):
-        update_metrics = [train_minibatch(
-            *run.policy.trainable, minibatch, cfg.loss, run.pg, micro_batch_size=cfg.train.micro_batch_size,
-            temperature=cfg.rollout.temperature, true_vocab_size=run.policy.spec.vocab_size,
-            routing=run.routing if batch.routes is not None else None)
-            for minibatch in minibatches(batch, cfg.train.minibatches, run.pg)]
+        for minibatch in minibatches(batch, cfg.train.minibatches, run.pg):
+            update_metrics.append(train_minibatch(
+                *run.policy.trainable, minibatch, cfg.loss, run.pg, micro_batch_size=cfg.train.micro_batch_size,
+                temperature=cfg.rollout.temperature, true_vocab_size=run.policy.spec.vocab_size,
+                routing=run.routing if batch.routes is not None else None))
+            if agreement is None and batch.routes is not None:
+                # The first update runs the policy the routes came from; later ones have moved.
+                agreement = run.routing.agreement
     if release:
         run.rollout.client.resume_memory(("weights",))
     with run.timed("weight_sync"):
@@ -105,8 +109,8 @@ def rl_step(run: Run) -> dict[str, float]:
     clipped = [metrics[k] for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual") if k in metrics]
     if clipped:
         metrics["clip_frac"] = sum(clipped)
-    if run.routing is not None and batch.routes is not None and run.routing.agreement is not None:
-        metrics["replay_agreement"] = run.routing.agreement
+    if agreement is not None:
+        metrics["replay_agreement"] = agreement
     if cfg.logging.histogram_every and step % cfg.logging.histogram_every == 0:
         histograms(run, batch)
     return metrics
@@ -146,16 +150,26 @@ def score_groups(run: Run, groups: list[Group]) -> dict[str, float]:
             "reward_errors": scores.errors, "reward_timeouts": scores.timeouts,
             "response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
             "response_truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
-            "rollout_retries": rollout.client.retries}
+            "rollout_retries": rollout.client.retries, "rollout_weight_step": rollout_weight_step(samples)}
+
+
+def rollout_weight_step(samples: list) -> float:
+    """The RL step whose synced weights generated the samples (0: the starting weights), from the
+    weight version the servers report ("step-N"); the oldest when they differ."""
+    versions = [s.weight_version or "" for s in samples]
+    return float(min(int(v.removeprefix("step-")) if v.startswith("step-") else 0 for v in versions))
 
 
 def make_train_batch(run: Run, groups: list[Group]) -> TrainBatch:
-    """Rank 0: group-normalised advantages (paper eq. 2) and the padded batch."""
+    """Rank 0: group-normalised advantages (paper eq. 2) and the padded batch (with each row's
+    images for a vision-language model)."""
     rewards = torch.tensor([g.rewards for g in groups])
     advantages = group_advantages(rewards).flatten().tolist()
     samples = [s for g in groups for s in g.samples]
     return build_train_batch(samples, advantages, run.rollout.tokenizer.pad_token_id,
-                             with_routes=run.cfg.train.routing_replay == "r3")
+                             with_routes=run.cfg.train.routing_replay == "r3",
+                             vision=[g.prompt.vision for g in groups for _ in g.samples],
+                             layout=image_layout(run.policy.spec))
 
 
 def broadcast(batch: TrainBatch | None) -> TrainBatch:
@@ -311,7 +325,6 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     from megatron_sapo.data.datasets import PromptSampler, load_split
     from megatron_sapo.data.rewards import RewardScorer, get_reward
     from megatron_sapo.data.synthetic import get_task
-    from megatron_sapo.models.qwen3_moe import moe_layer_pattern
     from megatron_sapo.rollout.manager import ServerManager
     from megatron_sapo.rollout.server import ServerOptions
     from megatron_sapo.run_log import RunLog
@@ -319,17 +332,22 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     from megatron_sapo import torchvision_compat
 
     torchvision_compat.ensure_importable()
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(start_model)
+    # Vision-language models format image prompts with their processor (see data/chat.py).
+    layout = image_layout(policy.spec)
+    processor = AutoProcessor.from_pretrained(start_model) if layout else None
     if cfg.data.task:
         task = get_task(cfg.data.task)
         train_records, val_records = task.records("train", cfg.data.seed), task.records("val", cfg.data.seed)
     else:
         train_records = load_split(cfg.data, "train")
         val_records = load_split(cfg.data, "val") if cfg.data.val_path else []
-    prompts = encode_records(train_records, tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_tokens).prompts
-    val_prompts = encode_records(val_records, tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_tokens).prompts
+    prompts = encode_records(train_records, tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_tokens,
+                             processor).prompts
+    val_prompts = encode_records(val_records, tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_tokens,
+                                 processor).prompts
     sampler = PromptSampler(len(prompts), cfg.rollout.prompts_per_step, dp_rank=0, dp_size=1, seed=cfg.data.seed,
                             shuffle=cfg.data.shuffle)
     if state.data_cursor:
@@ -348,9 +366,10 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
         urls = [u if u.startswith("http") else f"http://{u}" for u in cfg.rollout.servers]
     routed = None
     if cfg.train.routing_replay == "r3":
-        routed = RoutedExperts(moe_layer_pattern(policy.hf_config), policy.hf_config["num_experts_per_tok"])
+        routed = RoutedExperts(policy.spec.moe_layers, policy.spec.config.moe_router_topk)
     client = RolloutClient(urls, request_timeout_s=cfg.rollout.request_timeout_s, max_retries=cfg.rollout.max_retries,
-                           routed_experts=routed, on_failure=manager.ensure_alive if manager else None)
+                           routed_experts=routed, on_failure=manager.ensure_alive if manager else None,
+                           image_token_id=layout.image_token_id if layout else None)
     scorer = RewardScorer(get_reward(cfg.data.reward_name), cfg.data.reward_timeout_s)
     log = RunLog(out_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step)
     return Rollout(client=client, prompts=prompts, val_prompts=val_prompts, sampler=sampler, scorer=scorer,

@@ -16,8 +16,9 @@ import torch
 from megatron_sapo.config import ConfigError, ParallelConfig
 from megatron_sapo.convert import mcore_checkpoint, streaming
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
+from megatron_sapo.convert.hf_layout import FusedExperts, logical_view
 from megatron_sapo.convert.output import check_target
-from megatron_sapo.models import qwen3_moe
+from megatron_sapo.models import model_family, read_hf_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -29,7 +30,9 @@ def add_layout_args(parser: argparse.ArgumentParser) -> None:
 
 
 def hf_dtype(hf_config: dict) -> torch.dtype:
-    name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    """The checkpoint's dtype: config.json's, else its text model's (vision-language configs)."""
+    sections = (hf_config, hf_config.get("text_config") or {})
+    name = next((c.get(k) for c in sections for k in ("dtype", "torch_dtype") if c.get(k)), "float32")
     if name not in DTYPES:
         raise ConfigError(f"config.json: dtype {name!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
@@ -43,14 +46,15 @@ def _progress(total: int | None, desc: str):
 
 def hf_to_mcore(args: argparse.Namespace) -> int:
     hf_dir, out = Path(args.hf), Path(args.out)
-    hf_config = qwen3_moe.read_hf_config(hf_dir)
-    qwen3_moe.check_architecture(hf_config, str(hf_dir / "config.json"))
+    hf_config = read_hf_config(hf_dir)
+    family = model_family(hf_config, str(hf_dir / "config.json"))
     checkpoint = HFCheckpoint(hf_dir)  # index and shard files present
     check_target(out, args.force)
     # The checkpoint is layout-free; the flags check that the model splits the way it will be run.
-    qwen3_moe.from_hf_config(hf_config, ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep))
+    spec = family.from_hf_config(hf_config, ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep))
     dtype = DTYPES[args.dtype] if args.dtype else hf_dtype(hf_config)
-    with _progress(len(checkpoint.names()), "reading HF tensors") as bar:
+    tensors = len(logical_view(checkpoint, FusedExperts.of(spec)).names())
+    with _progress(tensors, "reading HF tensors") as bar:
         streaming.hf_to_mcore(hf_dir, out, hf_config, dtype, force=args.force, progress=bar)
     print(f"wrote Megatron checkpoint {out} (torch_dist; loads at any TP/PP/EP)")
     return 0
@@ -59,7 +63,7 @@ def hf_to_mcore(args: argparse.Namespace) -> int:
 def mcore_to_hf(args: argparse.Namespace) -> int:
     ckpt, out = Path(args.mcore), Path(args.out)
     hf_config = mcore_checkpoint.read_hf_config(ckpt)
-    qwen3_moe.check_architecture(hf_config, str(ckpt / mcore_checkpoint.HF_CONFIG_FILE))
+    model_family(hf_config, str(ckpt / mcore_checkpoint.HF_CONFIG_FILE))
     check_target(out, args.force)
     dtype = DTYPES[args.dtype] if args.dtype else hf_dtype(hf_config)
     with _progress(None, "writing HF tensors") as bar:
@@ -74,7 +78,7 @@ def register(sub) -> None:
     directions = convert.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
 
     to_mcore = directions.add_parser(
-        "hf-to-mcore", help="HF Qwen3-MoE folder -> Megatron-Core distributed checkpoint (torch_dist)")
+        "hf-to-mcore", help="HF Qwen3-MoE / Qwen3-VL-MoE folder -> Megatron-Core distributed checkpoint (torch_dist)")
     to_mcore.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
     to_mcore.add_argument("--out", required=True, help="output checkpoint folder")
     add_layout_args(to_mcore)  # checked against the model; the checkpoint itself loads at any layout

@@ -17,7 +17,9 @@ import torch
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "generation_config.json", "tokenizer.model")
+                   "added_tokens.json", "chat_template.jinja", "generation_config.json", "tokenizer.model",
+                   # A vision model's image/video processor (one file or, in older layouts, two).
+                   "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -38,7 +40,7 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer and generation files present in ``src``; return their names."""
+    """Copy the tokenizer, processor and generation files present in ``src``; return their names."""
     copied = []
     for name in TOKENIZER_FILES:
         if (src / name).exists():
@@ -68,17 +70,15 @@ class HFCheckpoint:
     def names(self) -> list[str]:
         return list(self.files)
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of ``name``, from the file's header (no tensor data is read)."""
+        return tuple(self._entry(name)[1]["shape"])
+
     def get(self, name: str) -> torch.Tensor:
-        try:
-            path = self.files[name]
-        except KeyError:
-            raise KeyError(f"{self.dir}: tensor {name!r} is not in the checkpoint") from None
-        if path not in self._headers:
-            self._headers[path] = read_header(path)
-        header, data_start = self._headers[path]
-        if name not in header:
-            raise KeyError(f"{path}: tensor {name!r} is listed in {INDEX_FILE} but not in the file")
-        info = header[name]
+        path, info, data_start = self._entry(name)
         begin, end = info["data_offsets"]
         buffer = bytearray(end - begin)
         with open(path, "rb") as f:
@@ -88,3 +88,16 @@ class HFCheckpoint:
         if not buffer:
             return torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
         return torch.frombuffer(buffer, dtype=DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def _entry(self, name: str) -> tuple[Path, dict, int]:
+        """The file holding ``name``, its header entry, and where the file's tensor data starts."""
+        try:
+            path = self.files[name]
+        except KeyError:
+            raise KeyError(f"{self.dir}: tensor {name!r} is not in the checkpoint") from None
+        if path not in self._headers:
+            self._headers[path] = read_header(path)
+        header, data_start = self._headers[path]
+        if name not in header:
+            raise KeyError(f"{path}: tensor {name!r} is listed in {INDEX_FILE} but not in the file")
+        return path, header[name], data_start

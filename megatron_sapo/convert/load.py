@@ -3,7 +3,8 @@
 Each rank reads only the HF tensors behind its own parameters, applies the table's format
 transform, and keeps its slice of the result (``split.shard`` over the entry's group).
 Indices are mapped between Megatron's local numbering and the global one: layers by the
-pipeline stage's offset, experts by the expert-parallel rank.
+pipeline stage's offset, experts by the expert-parallel rank. Experts the Hub stores fused
+(``table.fused_experts``) are read through ``hf_layout.py``, one fused tensor per layer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
+from megatron_sapo.convert.hf_layout import logical_view
 from megatron_sapo.convert.mapping import Match, MappingTable
 
 
@@ -62,10 +64,11 @@ class RankLayout:
 def load_hf_into_model(model, checkpoint: HFCheckpoint, table: MappingTable, pg_collection) -> None:
     """Copy every parameter of ``model`` (this rank's share) from ``checkpoint``."""
     layout = RankLayout.of(model, pg_collection)
+    source = logical_view(checkpoint, table.fused_experts)
     for name, param in model.named_parameters():
         match = table.match(name)
         layer, expert = layout.global_indices(match)
-        hf_tensors = tuple(checkpoint.get(n) for n in match.entry.hf_names(layer, expert))
+        hf_tensors = tuple(source.get(n) for n in match.entry.hf_names(layer, expert))
         full = match.entry.transform.to_megatron(hf_tensors)
         shard = match.entry.split.shard(full, *layout.split_rank(match))
         if shard.shape != param.shape:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from megatron_sapo.convert.sharding import Replicate
 from megatron_sapo.convert.transforms import Identity
+
+if TYPE_CHECKING:
+    from megatron_sapo.convert.hf_layout import FusedExperts
 
 ParallelGroup = Literal["tp", "expert_tp"]
 
@@ -45,9 +48,16 @@ class Match:
 
 
 class MappingTable:
-    def __init__(self, entries: list[WeightMap]):
+    def __init__(self, entries: list[WeightMap], *, fused_experts: FusedExperts | None = None):
         self.entries = tuple(entries)
+        self.fused_experts = fused_experts
+        """How the Hub stores the experts the entries name one by one: fused per layer (see
+        ``hf_layout.py``), or None: as named."""
         self._patterns = [(re.compile(_template_regex(e.megatron)), e) for e in self.entries]
+
+    def stored_as(self, fused_experts: FusedExperts | None) -> "MappingTable":
+        """The same entries, with the Hub storage of their experts."""
+        return MappingTable(list(self.entries), fused_experts=fused_experts)
 
     def match(self, megatron_name: str) -> Match:
         for pattern, entry in self._patterns:

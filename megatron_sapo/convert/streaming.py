@@ -17,6 +17,11 @@ Neither direction ever holds the model:
   experts) and turned into HF tensors written into size-capped safetensors files. Each key is
   read at the shape the checkpoint stores (its metadata says), not at the TP1 layout's: a
   padded vocabulary key saved at TP=2 has more rows, all read, then cut to ``vocab_size``.
+
+Both directions work for every model family (``megatron_sapo.models.model_family``). Where the
+Hub stores a layer's experts fused (Qwen3-VL-MoE), HF tensors are read and written through
+``hf_layout.py``: a fused tensor is read once per layer, and written once all of the layer's
+experts are in, which the key order above (a layer's experts under one key) makes immediate.
 """
 
 from __future__ import annotations
@@ -42,9 +47,11 @@ from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, Writ
 from megatron_sapo.config import ParallelConfig
 from megatron_sapo.convert.export import ShardWriter, finish_export
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint, copy_tokenizer_files
+from megatron_sapo.convert.hf_layout import fuse_experts, logical_view
+from megatron_sapo.convert.mapping import MappingTable
 from megatron_sapo.convert.mcore_checkpoint import HF_CONFIG_FILE
 from megatron_sapo.convert.output import check_target, partial_dir, publish
-from megatron_sapo.models import qwen3_moe
+from megatron_sapo.models import model_family, weight_table
 
 MCORE_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                   "common_backend": "torch", "common_backend_version": 1}
@@ -99,26 +106,41 @@ class Chunk:
         return tuple(slice(o, o + s) for o, s in own)
 
 
-def meta_layout(hf_config: dict, dtype: torch.dtype):
-    """The model at TP1/PP1/EP1 on the meta device: its spec, its chunks, its sharded objects."""
+@dataclass(frozen=True)
+class MetaLayout:
+    """The model at TP1/PP1/EP1, described without memory: what conversion needs to know of it."""
+
+    spec: object
+    """The family's model spec (``Qwen3MoeSpec``, ``Qwen3VLSpec``)."""
+    table: MappingTable
+    """Its weight table, with the Hub storage of its experts."""
+    chunks: list[Chunk]
+    objects: list
+    """Megatron's sharded objects (non-tensor state), written as they are."""
+
+
+def meta_layout(hf_config: dict, dtype: torch.dtype, source: str = "config.json") -> MetaLayout:
+    """The model of ``hf_config`` (read from ``source``) at TP1/PP1/EP1 on the meta device."""
     from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 
     parallel = ParallelConfig()
     pg = initialize_model_parallel(parallel)
     try:
-        return _describe_model(hf_config, parallel, pg, dtype)
+        return _describe_model(hf_config, source, parallel, pg, dtype)
     finally:
         destroy_model_parallel()
 
 
-def _describe_model(hf_config: dict, parallel: ParallelConfig, pg, dtype: torch.dtype):
+def _describe_model(hf_config: dict, source: str, parallel: ParallelConfig, pg, dtype: torch.dtype) -> MetaLayout:
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-    spec = qwen3_moe.from_hf_config(hf_config, parallel, params_dtype=dtype)
-    spec.config.perform_initialization = False
-    spec.config.use_cpu_initialization = True  # the GPU path names device=cuda, escaping the meta context
+    family = model_family(hf_config, source)
+    spec = family.from_hf_config(hf_config, parallel, params_dtype=dtype)
+    for config in _transformer_configs(spec):
+        config.perform_initialization = False
+        config.use_cpu_initialization = True  # the GPU path names device=cuda, escaping the meta context
     with torch.device("meta"):
-        model = qwen3_moe.build_model(spec, pg)
+        model = family.build_model(spec, pg)
     chunks, objects = [], []
     for param_name, entry in model.sharded_state_dict().items():
         for item in _flatten(entry):
@@ -134,7 +156,13 @@ def _describe_model(hf_config: dict, parallel: ParallelConfig, pg, dtype: torch.
     missing = {name for name, _ in model.named_parameters()} - {c.param for c in chunks}
     if missing:
         raise RuntimeError(f"Megatron's sharded state dict has no chunk for {sorted(missing)}")
-    return spec, chunks, objects
+    return MetaLayout(spec, weight_table(family, spec), chunks, objects)
+
+
+def _transformer_configs(spec) -> list:
+    """Every TransformerConfig a model is built from: the text model's, and a vision tower's."""
+    vision = getattr(spec, "vision", None)
+    return [spec.config] + ([vision.config] if vision is not None else [])
 
 
 def _flatten(entry):
@@ -191,10 +219,11 @@ def hf_to_mcore(hf_dir: Path, out: Path, hf_config: dict, dtype: torch.dtype, *,
     """Write a torch_dist checkpoint of the HF model, one chunk in memory at a time."""
     check_target(out, force)
     release_large_buffers_to_os()
-    checkpoint = HFCheckpoint(hf_dir)
     with single_rank_group():
-        spec, chunks, objects = meta_layout(hf_config, dtype)
-        table = qwen3_moe.weight_table(spec)
+        layout = meta_layout(hf_config, dtype, str(hf_dir / "config.json"))
+        table, chunks, objects = layout.table, layout.chunks, layout.objects
+        # Fused experts are read once per layer (the view keeps that layer's fused tensors).
+        checkpoint = logical_view(HFCheckpoint(hf_dir), table.fused_experts)
 
         def resolve_param(name: str) -> torch.Tensor:
             match = table.match(name)
@@ -249,8 +278,8 @@ def mcore_to_hf(ckpt: Path, out: Path, hf_config: dict, dtype: torch.dtype, *, m
     check_target(out, force)
     release_large_buffers_to_os()
     with single_rank_group():
-        spec, chunks, _ = meta_layout(hf_config, dtype)
-    table = qwen3_moe.weight_table(spec)
+        layout = meta_layout(hf_config, dtype, str(ckpt / HF_CONFIG_FILE))
+    spec, table, chunks = layout.spec, layout.table, layout.chunks
     by_param: dict[str, list[Chunk]] = {}
     first_seen: dict[str, int] = {}
     for c in chunks:
@@ -265,6 +294,17 @@ def mcore_to_hf(ckpt: Path, out: Path, hf_config: dict, dtype: torch.dtype, *, m
 
     tmp = partial_dir(out)
     writer = ShardWriter(tmp, "part", max_shard_bytes)
+    # Fused experts: each layer's experts become one Hub tensor once all of them are read.
+    logical = _hf_tensors(ckpt, ordered, shapes, table, dtype, progress)
+    for name, tensor in fuse_experts(logical, table.fused_experts):
+        writer.add(name, tensor)
+    writer.flush()
+    finish_export(tmp, out, [(writer.files, writer.weight_map, writer.total_bytes)], hf_config, ckpt)
+    return out
+
+
+def _hf_tensors(ckpt: Path, ordered, shapes: dict, table: MappingTable, dtype: torch.dtype, progress):
+    """``(name, tensor)`` under the table's logical names, parameter by parameter, each key read once."""
     loaded: tuple[str, torch.Tensor] | None = None
     for param, param_chunks in ordered:
         key = param_chunks[0].key
@@ -275,12 +315,9 @@ def mcore_to_hf(ckpt: Path, out: Path, hf_config: dict, dtype: torch.dtype, *, m
         match = table.match(param)
         for name, tensor in zip(match.entry.hf_names(match.layer, match.expert), match.entry.transform.to_hf(full)):
             # A copy, so the shard being filled never pins the whole key's tensor.
-            writer.add(name, tensor.to(dtype, copy=True))
+            yield name, tensor.to(dtype, copy=True)
             if progress is not None:
                 progress.update(1)
-    writer.flush()
-    finish_export(tmp, out, [(writer.files, writer.weight_map, writer.total_bytes)], hf_config, ckpt)
-    return out
 
 
 def _stored_shape(ckpt: Path, stored: dict, chunk: Chunk, vocab_size: int) -> tuple[int, ...]:

@@ -8,6 +8,13 @@ prompt with the assistant header, so the response is exactly what the policy gen
 
 Supervised (cold-start) pairs are formatted the same way, with the completion written as a
 perfect sampled response would be: the reference answer, then the EOS token.
+
+A prompt with images goes through the model's processor instead (``AutoProcessor`` of the model
+folder): each image becomes an image content part (``{"type": "image"}``) where its ``<image>``
+marker was, the chat template writes one image placeholder per part, and the processor expands
+each placeholder to the image's number of tokens and computes the pixel patches the vision
+encoder reads. Both are kept with the prompt (``Prompt.vision``) so the trainer feeds exactly
+what was counted into ``prompt_ids``. Text-only prompts never touch the processor.
 """
 
 from __future__ import annotations
@@ -17,8 +24,8 @@ from typing import Sequence
 
 from jinja2 import TemplateError
 
-from megatron_sapo.data.records import Message, PromptRecord, PromptValue
-from megatron_sapo.types import Prompt
+from megatron_sapo.data.records import IMAGE_PLACEHOLDER, Message, PromptRecord, PromptValue
+from megatron_sapo.types import Prompt, VisionInputs
 
 
 class MissingChatTemplateError(ValueError):
@@ -64,22 +71,79 @@ class EncodedPrompts:
 
 
 def encode_records(records: Sequence[PromptRecord], tokenizer, system_prompt: str | None,
-                   max_prompt_tokens: int) -> EncodedPrompts:
+                   max_prompt_tokens: int, processor=None) -> EncodedPrompts:
     """Tokenise every record once, up front, so that the prompt order is over usable prompts
-    only; over-long ones are reported back rather than cut (a cut problem is a different one)."""
+    only; over-long ones are reported back rather than cut (a cut problem is a different one).
+
+    ``processor``: the model's multimodal processor, needed by records with images."""
     require_chat_template(tokenizer)
     prompts, too_long = [], []
     for record in records:
         try:
-            text = render_prompt(tokenizer, record.prompt, system_prompt)
+            if record.images:
+                prompt = encode_image_prompt(processor, record, system_prompt)
+            else:
+                text = render_prompt(tokenizer, record.prompt, system_prompt)
+                prompt = Prompt(index=0, prompt_ids=list(tokenizer(text, add_special_tokens=False)["input_ids"]),
+                                answer=record.answer, text=text)
         except (ValueError, TemplateError) as err:  # e.g. a template refusing a message order
             raise ValueError(f"{record.source}: {err}") from None
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if len(ids) > max_prompt_tokens:
+        if len(prompt.prompt_ids) > max_prompt_tokens:
             too_long.append(record.source)
             continue
-        prompts.append(Prompt(index=len(prompts), prompt_ids=ids, answer=record.answer, text=text))
+        prompt.index = len(prompts)
+        prompts.append(prompt)
     return EncodedPrompts(prompts=prompts, too_long=too_long)
+
+
+def image_messages(prompt: PromptValue, num_images: int, system_prompt: str | None = None) -> list[dict]:
+    """Chat messages with content parts: each ``<image>`` marker becomes an image part, or, with
+    no marker, all images come first in the first user message."""
+    messages = prompt_messages(prompt, system_prompt)
+    marked = any(IMAGE_PLACEHOLDER in m["content"] for m in messages)
+    result, placed = [], 0
+    for message in messages:
+        pieces = message["content"].split(IMAGE_PLACEHOLDER)
+        parts = [{"type": "text", "text": pieces[0]}]
+        for piece in pieces[1:]:
+            parts += [{"type": "image"}, {"type": "text", "text": piece}]
+        if not marked and message["role"] == "user" and placed == 0:
+            parts = [{"type": "image"}] * num_images + parts
+        parts = [part for part in parts if part["type"] == "image" or part["text"]]
+        placed += sum(part["type"] == "image" for part in parts)
+        result.append({"role": message["role"], "content": parts})
+    if placed != num_images:
+        raise ValueError(f"the prompt places {placed} image(s) but carries {num_images}")
+    return result
+
+
+def encode_image_prompt(processor, record: PromptRecord, system_prompt: str | None = None) -> Prompt:
+    """A record with images through the chat template and the processor (``index`` 0: the
+    caller numbers the prompts it keeps)."""
+    if processor is None:
+        raise ValueError("the problem has images but the model has no multimodal processor "
+                         "(a vision-language model folder holds its processor config)")
+    tokenizer = processor.tokenizer
+    require_chat_template(tokenizer)
+    text = tokenizer.apply_chat_template(image_messages(record.prompt, len(record.images), system_prompt),
+                                         tokenize=False, add_generation_prompt=True)
+    encoded = processor(text=[text], images=[decode_image(data) for data in record.images], return_tensors="pt")
+    vision = VisionInputs(pixel_values=encoded["pixel_values"], image_grid_thw=encoded["image_grid_thw"].long())
+    if vision.num_images != len(record.images):
+        raise ValueError(f"the processor made {vision.num_images} image(s) of {len(record.images)}: does the chat "
+                         "template write one image placeholder per image part?")
+    return Prompt(index=0, prompt_ids=encoded["input_ids"][0].tolist(), answer=record.answer, text=text,
+                  images=list(record.images), vision=vision)
+
+
+def decode_image(data: bytes):
+    """An encoded image file as an RGB PIL image (what the processors expect)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -89,6 +153,8 @@ class SFTExample:
     prompt_ids: list[int]
     completion_ids: list[int]
     """The answer's tokens followed by EOS."""
+    vision: VisionInputs | None = None
+    """The prompt's images as the processor made them (None for a text prompt)."""
 
 
 def completion_text(answer: str, eos_token: str) -> str:
@@ -97,16 +163,21 @@ def completion_text(answer: str, eos_token: str) -> str:
     return answer + eos_token
 
 
-def encode_sft_examples(records: Sequence[PromptRecord], tokenizer,
-                        system_prompt: str | None = None) -> list[SFTExample]:
-    """Supervised pairs: the chat-formatted prompt, and the answer followed by the EOS token."""
+def encode_sft_examples(records: Sequence[PromptRecord], tokenizer, system_prompt: str | None = None,
+                        processor=None) -> list[SFTExample]:
+    """Supervised pairs: the chat-formatted prompt, and the answer followed by the EOS token.
+    Records with images go through ``processor`` as prompts do (``encode_image_prompt``)."""
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end the completions with")
     examples = []
     for record in records:
         if record.answer is None:
             raise ValueError(f"{record.source}: a supervised pair needs an answer")
-        completion = tokenizer(completion_text(record.answer, tokenizer.eos_token), add_special_tokens=False)
-        examples.append(SFTExample(prompt_ids=encode_prompt(tokenizer, record.prompt, system_prompt),
-                                   completion_ids=list(completion["input_ids"])))
+        completion = list(tokenizer(completion_text(record.answer, tokenizer.eos_token),
+                                    add_special_tokens=False)["input_ids"])
+        if record.images:
+            prompt = encode_image_prompt(processor, record, system_prompt)
+            examples.append(SFTExample(prompt.prompt_ids, completion, prompt.vision))
+        else:
+            examples.append(SFTExample(encode_prompt(tokenizer, record.prompt, system_prompt), completion))
     return examples

@@ -7,6 +7,11 @@ Choices:
   or ``file: row N`` (parquet, 0-based like pyarrow): a data bug is fixed once at the source
   rather than skipped at every run. Blank JSONL lines are not rows.
 * Field names may be dotted to reach into nested objects (``reward_model.ground_truth``).
+* Images of a multimodal problem sit in an optional field (``images`` unless configured): a
+  list whose items are file paths (relative to the prompt file's folder, or absolute), raw
+  bytes (parquet binary), or ``{"bytes": ..., "path": ...}`` objects (the parquet layout of
+  Hugging Face datasets' image feature). Each is read and decoded once at load, so a missing
+  or corrupt image is a load error naming its row, not a failure mid-run.
 * The order is a stream of steps: epoch ``e`` is a permutation of the prompts drawn from
   ``(seed, e)``; each step takes the next ``prompts_per_step`` of it, and the tail that does not
   fill a step is dropped (a different tail each epoch), so a step never holds a prompt twice.
@@ -25,7 +30,8 @@ import numpy as np
 
 from megatron_sapo.config import DataConfig
 from megatron_sapo.data import synthetic
-from megatron_sapo.data.records import PromptRecord, answer_text, prompt_problem
+from megatron_sapo.data.records import (PromptRecord, answer_text, image_placement_problem, prompt_problem,
+                                        short_repr)
 
 PROMPT_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".parquet")
 MAX_LISTED_PROBLEMS = 5
@@ -42,18 +48,19 @@ def load_split(cfg: DataConfig, split: Literal["train", "val"]) -> list[PromptRe
     path = cfg.train_path if split == "train" else cfg.val_path
     if path is None:
         raise ValueError(f"data.val_path is not set, so there are no {split} prompts")
-    return read_prompt_file(path, cfg.prompt_key, cfg.answer_key)
+    return read_prompt_file(path, cfg.prompt_key, cfg.answer_key, cfg.image_key)
 
 
-def read_prompt_file(path: str | Path, prompt_key: str = "prompt",
-                     answer_key: str = "answer") -> list[PromptRecord]:
+def read_prompt_file(path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer",
+                     image_key: str = "images") -> list[PromptRecord]:
     """Every row of a .jsonl or .parquet prompt file, or MalformedRowsError listing bad rows."""
     path = Path(path)
     if path.suffix not in PROMPT_FILE_SUFFIXES:
         raise ValueError(f"{path}: prompt files must end in {' or '.join(PROMPT_FILE_SUFFIXES)}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such prompt file")
-    rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _parquet_rows(path, [prompt_key, answer_key])
+    rows = (_jsonl_rows(path) if path.suffix == ".jsonl"
+            else _parquet_rows(path, [prompt_key, answer_key], optional=[image_key]))
     records, problems = [], []
     for where, row, parse_error in rows:
         if parse_error:
@@ -61,10 +68,14 @@ def read_prompt_file(path: str | Path, prompt_key: str = "prompt",
             continue
         try:
             prompt, answer = _fields(row, prompt_key, answer_key)
+            images = _images(row, image_key, path.parent)
+            placement = image_placement_problem(prompt, len(images))
+            if placement:
+                raise ValueError(f"field {image_key!r}: {placement}")
         except ValueError as err:
             problems.append(f"{where}: {err}")
             continue
-        records.append(PromptRecord(index=len(records), prompt=prompt, answer=answer, source=where))
+        records.append(PromptRecord(index=len(records), prompt=prompt, answer=answer, source=where, images=images))
     if problems:
         listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
         raise MalformedRowsError(f"{path}: {len(problems)} malformed row(s); the first:\n  {listed}")
@@ -94,7 +105,8 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
                 yield where, None, f"invalid JSON ({err.msg} at column {err.colno})"
 
 
-def _parquet_rows(path: Path, keys: list[str]) -> Iterator[Row]:
+def _parquet_rows(path: Path, keys: list[str], optional: list[str] = ()) -> Iterator[Row]:
+    """Rows of the columns ``keys`` need (all required) and of those ``optional`` needs, if present."""
     import pyarrow.parquet as pq
 
     columns = list(dict.fromkeys(key.split(".")[0] for key in keys))
@@ -102,6 +114,7 @@ def _parquet_rows(path: Path, keys: list[str]) -> Iterator[Row]:
     missing = [c for c in columns if c not in available]
     if missing:
         raise MalformedRowsError(f"{path}: no column {missing[0]!r} (columns: {', '.join(available)})")
+    columns += [c for c in dict.fromkeys(key.split(".")[0] for key in optional) if c in available and c not in columns]
     for number, row in enumerate(pq.read_table(path, columns=columns).to_pylist()):
         yield f"{path}: row {number}", row, None
 
@@ -117,6 +130,49 @@ def _fields(row: object, prompt_key: str, answer_key: str) -> tuple[object, str]
     if answer is None:
         raise ValueError(f"field {answer_key!r} must be a string or a number, got {_lookup(row, answer_key)!r}")
     return prompt, answer
+
+
+def _images(row: dict, image_key: str, folder: Path) -> tuple[bytes, ...]:
+    """The row's images as encoded files, each checked to decode; () when the field is absent."""
+    try:
+        value = _lookup(row, image_key)
+    except ValueError:
+        return ()
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValueError(f"field {image_key!r} must be a list of image files, got {short_repr(value)}")
+    images = []
+    for number, item in enumerate(value, start=1):
+        data = _image_bytes(item, folder, f"field {image_key!r}, image {number}")
+        _check_decodes(data, f"field {image_key!r}, image {number}")
+        images.append(data)
+    return tuple(images)
+
+
+def _image_bytes(item: object, folder: Path, what: str) -> bytes:
+    if isinstance(item, dict):  # Hugging Face datasets' image struct: bytes if embedded, else a path
+        item = item.get("bytes") or item.get("path")
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    if isinstance(item, str) and item:
+        file = folder / item  # an absolute item replaces the folder
+        if not file.is_file():
+            raise ValueError(f"{what}: no image file {item!r} (looked for {file})")
+        return file.read_bytes()
+    raise ValueError(f"{what} must be a file path or bytes, got {short_repr(item)}")
+
+
+def _check_decodes(data: bytes, what: str) -> None:
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:  # PIL reports truncation as SyntaxError too
+        raise ValueError(f"{what} is not a readable image ({type(err).__name__}: {err})") from None
 
 
 def _lookup(row: dict, dotted: str) -> object:

@@ -16,6 +16,9 @@ improve on what a short supervised cold start left, so:
   the same recipe left it near 0.05 (0.04 -> 0.07), so it serves tests and experiments, not
   the demo.
 
+The image tasks (a vision-language model counting squares) live in ``synthetic_vl`` and are
+found by the same ``get_task``.
+
 Each task's problem set is finite and enumerated; a seeded shuffle splits it into three
 disjoint parts: "val" (evaluation), "sft" (worked pairs for the cold start) and "train" (the
 RL prompts). Keeping the cold-start problems out of the RL prompts means the reward the RL run
@@ -28,9 +31,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, ClassVar, Literal
 
 from megatron_sapo.data.records import PromptRecord
+
+if TYPE_CHECKING:
+    from megatron_sapo.data.synthetic_vl import ImageTask
 
 Split = Literal["train", "val", "sft"]
 SPLITS: tuple[str, ...] = ("train", "val", "sft")
@@ -61,22 +67,29 @@ class SyntheticTask:
     """Share of the problems used only for the supervised cold start."""
     reward: str = "exact_match"
     """Registry name of the task's verifier."""
+    has_images: ClassVar[bool] = False
 
     def split_problems(self, split: Split, seed: int) -> list[tuple[str, str]]:
         """The problems of one split, in a seeded order; the three splits never overlap."""
-        if split not in SPLITS:
-            raise ValueError(f"task {self.name!r} has splits {', '.join(SPLITS)}, not {split!r}")
-        problems = self.enumerate_problems()
-        random.Random(seed).shuffle(problems)
-        n_val = round(len(problems) * self.val_fraction)
-        n_sft = round(len(problems) * self.sft_fraction)
-        bounds = {"val": (0, n_val), "sft": (n_val, n_val + n_sft), "train": (n_val + n_sft, len(problems))}
-        start, end = bounds[split]
-        return problems[start:end]
+        return split_items(self.enumerate_problems(), split, seed, self.val_fraction, self.sft_fraction, self.name)
 
     def records(self, split: Split, seed: int) -> list[PromptRecord]:
         return [PromptRecord(index=i, prompt=prompt, answer=answer, source=f"{self.name}[{split}] {prompt}")
                 for i, (prompt, answer) in enumerate(self.split_problems(split, seed))]
+
+
+def split_items(items: list, split: Split, seed: int, val_fraction: float, sft_fraction: float,
+                task_name: str) -> list:
+    """One split of a task's enumerated problems: a seeded shuffle cut into val, sft, train."""
+    if split not in SPLITS:
+        raise ValueError(f"task {task_name!r} has splits {', '.join(SPLITS)}, not {split!r}")
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    n_val = round(len(items) * val_fraction)
+    n_sft = round(len(items) * sft_fraction)
+    bounds = {"val": (0, n_val), "sft": (n_val, n_val + n_sft), "train": (n_val + n_sft, len(items))}
+    start, end = bounds[split]
+    return items[start:end]
 
 
 TASKS: dict[str, SyntheticTask] = {
@@ -87,7 +100,11 @@ TASKS: dict[str, SyntheticTask] = {
 }
 
 
-def get_task(name: str) -> SyntheticTask:
-    if name not in TASKS:
-        raise ValueError(f"unknown synthetic task {name!r}; known: {', '.join(TASKS)}")
-    return TASKS[name]
+def get_task(name: str) -> "SyntheticTask | ImageTask":
+    """A built-in task by name: the text tasks above, or the image tasks of ``synthetic_vl``."""
+    from megatron_sapo.data.synthetic_vl import IMAGE_TASKS  # imported here: it builds on this module
+
+    tasks = {**TASKS, **IMAGE_TASKS}
+    if name not in tasks:
+        raise ValueError(f"unknown synthetic task {name!r}; known: {', '.join(tasks)}")
+    return tasks[name]

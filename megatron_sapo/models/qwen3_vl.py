@@ -443,6 +443,7 @@ def _block_diagonal_mask(grid_thw: torch.Tensor, device) -> torch.Tensor:
 
 def _vl_model_class():
     from megatron.core import tensor_parallel
+    from megatron.core.transformer.enums import ModelType
     from megatron.core.transformer.module import MegatronModule
 
     class Qwen3VLModel(MegatronModule):
@@ -451,6 +452,7 @@ def _vl_model_class():
         def __init__(self, spec: Qwen3VLSpec, pg_collection, *, use_te: bool, pp_rank: int):
             super().__init__(config=spec.config)
             self.spec = spec
+            self.model_type = ModelType.encoder_or_decoder  # what Megatron's schedules ask every model
             self.tp_group = pg_collection.tp
             self.pre_process = pp_rank == 0
             self.post_process = pp_rank == spec.config.pipeline_model_parallel_size - 1

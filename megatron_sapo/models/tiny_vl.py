@@ -110,7 +110,7 @@ def save_tiny_qwen3_vl_moe(out_dir: str | Path, seed: int = 0, dtype: torch.dtyp
     model = build_tiny_qwen3_vl_moe(seed, dtype, **overrides)
     out = Path(out_dir)
     model.save_pretrained(out)
-    _write_hub_expert_orientation(model, out)
+    write_hub_expert_orientation(model, out)
     save_tiny_vl_processor(out, model.config.vision_config.to_dict())
     return out
 
@@ -175,7 +175,7 @@ def _randomise_norms_and_biases(model: torch.nn.Module) -> None:
                 param.uniform_(-0.5, 0.5)
 
 
-def _write_hub_expert_orientation(model: torch.nn.Module, out: Path) -> None:
+def write_hub_expert_orientation(model: torch.nn.Module, out: Path) -> None:
     """Rewrite the saved fused experts as ``gate_up_proj [E, H, 2I]`` and ``down_proj [E, I, H]``.
 
     The tensors come from the in-memory model, whose orientation (``[E, 2I, H]`` / ``[E, H, I]``)

@@ -126,8 +126,14 @@ def server_command(opts: ServerOptions, python: str = sys.executable) -> list[st
 
 
 def server_env(opts: ServerOptions, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for ``opts``'s server: ``base`` (default: ours) plus the CPU shims."""
+    """The environment for ``opts``'s server: ``base`` (default: ours) plus the CPU shims.
+
+    SGLang caches each image's vision-encoder output by the image's hash and keeps it across
+    weight updates and ``/flush_cache``: after a sync, an image seen before would be served
+    with the old tower's features (measured: log-probs off by 0.43 on the tiny VL model). RL
+    repeats images across steps, so the cache is turned off."""
     env = dict(os.environ if base is None else base)
+    env["SGLANG_VLM_CACHE_SIZE_MB"] = "0"
     if opts.on_cpu:
         env["SGLANG_USE_CPU_ENGINE"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SHIM_DIR), env.get("PYTHONPATH")) if p)

@@ -14,6 +14,15 @@ buckets of ``bucket_bytes`` and pushed by their owner, so no rank ever holds the
 - ``disk``: the converter's exporter writes an HF checkpoint (each rank its part) and the
   servers reload it with ``/update_weights_from_disk`` (shared storage; the fallback).
 
+Names: the tensor and distributed paths send the weight table's logical names, experts one by
+one (``...mlp.experts.{e}.gate_proj.weight``), also for Qwen3-VL-MoE, whose Hub checkpoints fuse
+a layer's experts: SGLang 0.5.23's ``Qwen3VLMoeForConditionalGeneration.load_weights`` loads
+per-expert names through its expert mapping, and fused names
+(``...mlp.experts.gate_up_proj`` ``[E, H, 2I]``) through another that, once a request holds one
+fused name, it applies to the rest of that request. Per-expert names therefore always load, need
+no gathering of a layer's experts across expert-parallel ranks, and are never mixed with fused
+ones. The disk path writes the Hub layout (fused where the Hub fuses), as any checkpoint.
+
 Rank 0 brackets every sync with ``/begin_weight_update`` and ``/end_weight_update`` on every
 server, sets the new weight version, which SGLang then reports with every sample, and flushes
 the prefix cache (cached KV was computed by the old weights).

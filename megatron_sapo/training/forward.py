@@ -11,6 +11,11 @@ part (return log-probs, or compute a loss).
 Under sequence parallelism Megatron splits the sequence evenly over tensor-parallel ranks, so
 microbatches are right-padded to a multiple of the TP size here and the padding is cut off the
 logits before the head sees them; causal attention keeps the real positions unaffected.
+
+A vision-language batch (``TrainBatch.position_ids`` set) also hands the model its multimodal
+RoPE positions ``[3, b, S]`` (padding positions continue the row's last position) and the
+microbatch's images: the pixel patches of its rows' images, row after row, and their grids.
+Text batches call the model exactly as before.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from megatron_sapo.types import TrainBatch
+from megatron_sapo.types import TrainBatch, VisionInputs
 
 # The head maps the last stage's logits [b, T, V_local] of one microbatch to what the pass
 # needs (a loss tuple for training, log-probs for forward-only passes).
@@ -61,9 +66,13 @@ def token_forward_step(head: Head, *, seq_len: int, routing=None):
     def forward_step(data_iterator, model):
         micro: TrainBatch = next(data_iterator)
         tokens = _right_pad(micro.tokens, seq_len)
-        positions = torch.arange(seq_len, device=tokens.device).unsqueeze(0).expand_as(tokens)
         with routing.microbatch(micro, seq_len) if routing is not None else nullcontext():
-            output = model(tokens, positions, None)
+            if micro.position_ids is None:
+                positions = torch.arange(seq_len, device=tokens.device).unsqueeze(0).expand_as(tokens)
+                output = model(tokens, positions, None)
+            else:
+                output = model(tokens, _pad_positions(micro.position_ids, seq_len), None,
+                               **_vision_kwargs(micro))
 
         def loss_func(logits, non_loss_data=False):  # the schedule names the flag; the head knows its pass
             return head(logits[:, : micro.tokens.shape[1]], micro)
@@ -97,11 +106,17 @@ def run_schedule(model, microbatches: list[TrainBatch], forward_step, pg_collect
     )
 
 
-def forward_logits(model, tokens: torch.Tensor, pg_collection) -> torch.Tensor | None:
-    """Logits ``[B, S, V_local]`` of ``tokens`` ``[B, S]`` on the last pipeline stage, else None."""
+def forward_logits(model, tokens: torch.Tensor, pg_collection, *, position_ids: torch.Tensor | None = None,
+                   vision: list[VisionInputs | None] | None = None) -> torch.Tensor | None:
+    """Logits ``[B, S, V_local]`` of ``tokens`` ``[B, S]`` on the last pipeline stage, else None.
+
+    Vision-language models: ``position_ids`` ``[3, B, S]`` (``mrope_position_ids``) and, per
+    row, the images of that row (``vision[i]``, None for a row without)."""
+    if vision is not None and position_ids is None:
+        raise ValueError("forward_logits: images need their multimodal position_ids [3, B, S]")
     zeros = torch.zeros(tokens.shape)
     batch = TrainBatch(tokens=tokens, targets=tokens, loss_mask=zeros, advantages=zeros[:, 0],
-                       rollout_logprobs=zeros)
+                       rollout_logprobs=zeros, position_ids=position_ids, vision=vision)
     seq_len = padded_length(model, tokens.shape[1])
     step = token_forward_step(lambda logits, micro: logits.detach(), seq_len=seq_len)
     was_training = model.training
@@ -111,6 +126,23 @@ def forward_logits(model, tokens: torch.Tensor, pg_collection) -> torch.Tensor |
                                  collect_non_loss_data=True)
     model.train(was_training)
     return collected[0] if collected else None
+
+
+def _vision_kwargs(micro: TrainBatch) -> dict:
+    """The microbatch's images as the model's forward takes them (nothing for text-only rows)."""
+    images = micro.vision_inputs
+    if images is None:
+        return {}
+    return {"pixel_values": images.pixel_values, "image_grid_thw": images.image_grid_thw}
+
+
+def _pad_positions(position_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """``[3, b, T]`` positions right-padded to ``length``, continuing each row's last position."""
+    pad = length - position_ids.shape[2]
+    if pad == 0:
+        return position_ids
+    steps = torch.arange(1, pad + 1, device=position_ids.device)
+    return torch.cat([position_ids, position_ids[:, :, -1:] + steps], dim=2)
 
 
 def _right_pad(tokens: torch.Tensor, length: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron_sapo.config import RunConfig
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
 from megatron_sapo.convert.load import load_hf_into_model
-from megatron_sapo.models import qwen3_moe
+from megatron_sapo.models import model_family, read_hf_config, weight_table
 from megatron_sapo.training.optimizer import Trainable, build_optimizer
 
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -36,6 +36,7 @@ def prepare_start_model(cfg: RunConfig, out_dir: Path) -> Path:
     target = out_dir / "start_model"
     if (target / "config.json").is_file():
         return target
+    from megatron_sapo import torchvision_compat
     from megatron_sapo.convert.output import partial_dir, publish
     from megatron_sapo.data.chat import encode_sft_examples
     from megatron_sapo.data.synthetic import get_task
@@ -44,10 +45,21 @@ def prepare_start_model(cfg: RunConfig, out_dir: Path) -> Path:
     from megatron_sapo.training.cold_start import cold_start
 
     tmp = partial_dir(target)
-    save_demo_model(tmp, seed=cfg.train.seed)
+    if cfg.model.builtin == "tiny-qwen3-vl-moe":
+        from megatron_sapo.models.tiny_vl import save_tiny_qwen3_vl_moe
+
+        save_tiny_qwen3_vl_moe(tmp, seed=cfg.train.seed, dtype=torch.float32)
+    else:
+        save_demo_model(tmp, seed=cfg.train.seed)
     if cfg.train.sft_steps:
         records = get_task(cfg.data.task).records("sft", cfg.data.seed)
-        examples = encode_sft_examples(records, build_tiny_tokenizer(), cfg.data.system_prompt)
+        processor = None
+        if any(r.images for r in records):
+            torchvision_compat.ensure_importable()
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(tmp)
+        examples = encode_sft_examples(records, build_tiny_tokenizer(), cfg.data.system_prompt, processor)
         losses = cold_start(tmp, examples, steps=cfg.train.sft_steps, batch_size=cfg.train.sft_batch_size,
                             lr=cfg.train.sft_lr or cfg.optimizer.lr, seed=cfg.train.seed, pad_id=PAD_ID)
         (tmp / "cold_start_losses.json").write_text(json.dumps(losses))
@@ -61,17 +73,20 @@ class Policy:
 
     module: object
     trainable: Trainable
-    spec: qwen3_moe.Qwen3MoeSpec
+    spec: object
+    """The model family's spec (``Qwen3MoeSpec``, ``Qwen3VLSpec``)."""
     table: object
+    """Its weight table, with the Hub storage of its experts (export and weight sync follow it)."""
     hf_config: dict
 
 
 def build_policy(cfg: RunConfig, hf_dir: Path, pg, total_steps: int) -> Policy:
-    hf_config = qwen3_moe.read_hf_config(hf_dir)
-    spec = qwen3_moe.from_hf_config(hf_config, cfg.parallel, router=cfg.router,
-                                    params_dtype=PARAMS_DTYPES[cfg.model.params_dtype])
-    module = qwen3_moe.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp))
-    table = qwen3_moe.weight_table(spec)
+    hf_config = read_hf_config(hf_dir)
+    family = model_family(hf_config, str(Path(hf_dir) / "config.json"))
+    spec = family.from_hf_config(hf_config, cfg.parallel, router=cfg.router,
+                                 params_dtype=PARAMS_DTYPES[cfg.model.params_dtype])
+    module = family.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp))
+    table = weight_table(family, spec)
     load_hf_into_model(module, HFCheckpoint(hf_dir), table, pg)
     trainable = build_optimizer(module, cfg.optimizer, pg, total_steps=total_steps)
     return Policy(module=module, trainable=trainable, spec=spec, table=table, hf_config=hf_config)

@@ -79,6 +79,40 @@ def test_errors_name_the_problem(hf_dir, tmp_path):
     assert proc.returncode == 2 and "not divisible by parallel.ep=3" in proc.stderr
 
 
+@pytest.fixture(scope="module")
+def vl_dir(tmp_path_factory):
+    from megatron_sapo.models.tiny_vl import save_tiny_qwen3_vl_moe
+
+    return save_tiny_qwen3_vl_moe(tmp_path_factory.mktemp("cli_vl") / "hf")
+
+
+def test_vision_language_model_converts_and_matches_transformers(vl_dir, tmp_path):
+    run("convert", "hf-to-mcore", "--hf", str(vl_dir), "--out", str(tmp_path / "mcore"), "--tp", "2", "--ep", "2")
+    run("convert", "mcore-to-hf", "--mcore", str(tmp_path / "mcore"), "--out", str(tmp_path / "back"))
+    original, back = HFCheckpoint(vl_dir), HFCheckpoint(tmp_path / "back")
+    assert sorted(back.names()) == sorted(original.names())
+    assert all(torch.equal(original.get(n), back.get(n)) for n in original.names())
+    assert back.shape("model.language_model.layers.0.mlp.experts.gate_up_proj") == (4, 48, 80)  # [E, H, 2I]
+
+    # The built-in synthetic image, then a non-square image file (8 x 12 patches).
+    from megatron_sapo.models.tiny_vl import synthetic_image
+
+    synthetic_image(5, 48).crop((0, 0, 48, 32)).save(tmp_path / "image.png")
+    for flags, grid in ((["--tp", "2", "--ep", "2"], [[1, 8, 8]]),
+                        (["--pp", "2", "--image", str(tmp_path / "image.png")], [[1, 8, 12]])):
+        out = run("parity", "--hf", str(vl_dir), "--mcore", str(tmp_path / "mcore"), *flags).stdout
+        report = json.loads(out.strip().splitlines()[-1])
+        assert report["images"] == 1 and report["image_grid_thw"] == grid
+        assert report["max_abs_logit_diff"] <= 1e-4
+        assert len(report["hidden_state_max_abs_diff"]) == 6 and max(report["hidden_state_max_abs_diff"]) <= 1e-4
+
+
+def test_parity_refuses_an_image_for_a_text_model(hf_dir, tmp_path):
+    run("convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "mcore"))
+    proc = run("parity", "--hf", str(hf_dir), "--mcore", str(tmp_path / "mcore"), "--image", "x.png", ok=False)
+    assert proc.returncode != 0 and "holds a text-only model" in proc.stderr
+
+
 def save_at_layout(hf_dir: str, out: str, tp: int, ep: int, pp: int) -> None:
     """Under torchrun: load the HF checkpoint at this layout and write it with ``save_model``."""
     import torch.distributed as dist
@@ -86,16 +120,17 @@ def save_at_layout(hf_dir: str, out: str, tp: int, ep: int, pp: int) -> None:
     from megatron_sapo.config import ParallelConfig
     from megatron_sapo.convert.load import load_hf_into_model
     from megatron_sapo.convert.mcore_checkpoint import save_model
-    from megatron_sapo.models import qwen3_moe
+    from megatron_sapo import models
     from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 
     dist.init_process_group("gloo")
     parallel = ParallelConfig(tp=tp, ep=ep, pp=pp)
     pg = initialize_model_parallel(parallel)
-    hf_config = qwen3_moe.read_hf_config(hf_dir)
-    spec = qwen3_moe.from_hf_config(hf_config, parallel)
-    model = qwen3_moe.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp))
-    load_hf_into_model(model, HFCheckpoint(Path(hf_dir)), qwen3_moe.weight_table(spec), pg)
+    hf_config = models.read_hf_config(hf_dir)
+    family = models.model_family(hf_config)
+    spec = family.from_hf_config(hf_config, parallel)
+    model = family.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp))
+    load_hf_into_model(model, HFCheckpoint(Path(hf_dir)), models.weight_table(family, spec), pg)
     save_model(model, out, hf_config, extra_files_from=Path(hf_dir))
     destroy_model_parallel()
     dist.destroy_process_group()

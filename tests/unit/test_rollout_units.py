@@ -109,9 +109,11 @@ def test_cpu_env_puts_the_shims_first_on_pythonpath():
     assert alone["PYTHONPATH"] == str(SHIM_DIR)
 
 
-def test_cuda_env_is_the_base_unchanged():
-    base = {"PATH": "/bin", "PYTHONPATH": "/mine"}
-    assert server_env(ServerOptions(model="/ckpt", port=1, device="cuda"), base) == base
+def test_cuda_env_is_the_base_without_the_image_feature_cache():
+    base = {"PATH": "/bin", "PYTHONPATH": "/mine", "SGLANG_VLM_CACHE_SIZE_MB": "4096"}
+    # Cached image features would outlive weight updates (see server_env).
+    expected = {**base, "SGLANG_VLM_CACHE_SIZE_MB": "0"}
+    assert server_env(ServerOptions(model="/ckpt", port=1, device="cuda"), base) == expected
 
 
 def test_cpu_env_installs_the_shims_in_a_fresh_interpreter():

@@ -191,7 +191,7 @@ def test_dump_round_trips_awkward_values(tmp_path):
     [
         (lambda: ModelConfig(), "model needs exactly one of model.hf_dir and model.builtin"),
         (lambda: ModelConfig(hf_dir="a", builtin="tiny-qwen3-moe"), "model needs exactly one"),
-        (lambda: ModelConfig(builtin="gpt"), "model.builtin must be one of tiny-qwen3-moe; got 'gpt'"),
+        (lambda: ModelConfig(builtin="gpt"), "model.builtin must be one of tiny-qwen3-moe, tiny-qwen3-vl-moe; got 'gpt'"),
         (lambda: ModelConfig(hf_dir="a", params_dtype="fp16"), "model.params_dtype must be one of fp32, bf16"),
         (lambda: RolloutConfig(mode="disaggregated"), 'rollout.servers must list at least one "host:port"'),
         (lambda: RolloutConfig(servers=["a:1"]), 'rollout.servers is only used when rollout.mode is "disaggregated"'),
