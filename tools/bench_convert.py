@@ -1,8 +1,10 @@
 """Benchmark: streaming checkpoint conversion against a plain safetensors read+write.
 
 Builds Qwen3-30B-A3B-shaped Hugging Face checkpoints (true widths: hidden 2048, 128 experts of
-width 768, vocabulary 151,936, bf16) with few layers, then runs each step in a fresh process
-and records wall time, throughput and peak RSS:
+width 768, vocabulary 151,936, bf16) with few layers, or Qwen3-VL-30B-A3B-shaped ones
+(``--model qwen3-vl-30b-a3b``: the same text widths with each layer's experts stored fused in
+the Hub orientation, plus the true 27-block vision tower), then runs each step in a fresh
+process and records wall time, throughput and peak RSS:
 
 * ``hf-to-mcore``: ``megatron-sapo convert hf-to-mcore``
 * ``mcore-to-hf``: ``megatron-sapo convert mcore-to-hf``
@@ -11,6 +13,7 @@ and records wall time, throughput and peak RSS:
 Peak RSS that does not grow with the layer count is the point: conversion streams.
 
     .venv/bin/python tools/bench_convert.py --layers 2 6 --workdir /tmp/bench_convert
+    .venv/bin/python tools/bench_convert.py --model qwen3-vl-30b-a3b --layers 2 6
 """
 
 from __future__ import annotations
@@ -34,6 +37,23 @@ QWEN3_30B_A3B = dict(
     decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1000000.0,
     max_position_embeddings=40960, tie_word_embeddings=False, dtype="bfloat16",
 )
+# Qwen/Qwen3-VL-30B-A3B-Instruct's config.json (the fields the conversion reads).
+QWEN3_VL_30B_A3B = dict(
+    architectures=["Qwen3VLMoeForConditionalGeneration"], model_type="qwen3_vl_moe", dtype="bfloat16",
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=False,
+    text_config=dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, max_position_embeddings=262144,
+        rope_parameters=dict(rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20],
+                             mrope_interleaved=True)),
+    vision_config=dict(
+        depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, hidden_act="gelu_pytorch_tanh",
+        in_channels=3, patch_size=16, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=2048,
+        num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+)
+MODELS = {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3-vl-30b-a3b": QWEN3_VL_30B_A3B}
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report the
 # parent's peak (this script's, after it generated the checkpoint).
@@ -46,31 +66,48 @@ print("PEAK_RSS_KB", next(l.split()[1] for l in open("/proc/self/status") if l.s
 
 
 def hf_tensor_shapes(hf_config: dict) -> dict[str, tuple[int, ...]]:
-    """HF tensor names and shapes of a Qwen3-MoE config, derived from the weight table."""
+    """HF tensor names and shapes as the Hub stores them (experts fused where the family fuses
+    them), derived from the model's weight table."""
+    from megatron_sapo.convert.hf_layout import ExpertName
     from megatron_sapo.convert.streaming import meta_layout, param_shapes, single_rank_group
-    from megatron_sapo.models import qwen3_moe
 
     with single_rank_group():
-        spec, chunks, _ = meta_layout(hf_config, torch.bfloat16)
-    table = qwen3_moe.weight_table(spec)
+        layout = meta_layout(hf_config, torch.bfloat16)
+    table, fused = layout.table, layout.table.fused_experts
     shapes = {}
-    for param, shape in param_shapes(chunks).items():
+    for param, shape in param_shapes(layout.chunks).items():
         match = table.match(param)
         names = match.entry.hf_names(match.layer, match.expert)
         for name, tensor in zip(names, match.entry.transform.to_hf(torch.empty(shape, device="meta"))):
-            shapes[name] = tuple(tensor.shape)
+            expert = ExpertName.parse(name) if fused is not None else None
+            if expert is None:
+                shapes[name] = tuple(tensor.shape)
+            else:
+                shapes[expert.stored] = fused.hub_shape(expert.kind)
     return shapes
 
 
-def write_synthetic_checkpoint(out: Path, layers: int, seed: int = 0) -> int:
-    """One safetensors file per layer plus one for embeddings/norm/head; returns total bytes."""
-    config = {**QWEN3_30B_A3B, "num_hidden_layers": layers}
+def with_layers(config: dict, layers: int) -> dict:
+    if "text_config" in config:
+        return {**config, "text_config": {**config["text_config"], "num_hidden_layers": layers}}
+    return {**config, "num_hidden_layers": layers}
+
+
+def file_group(name: str) -> str:
+    """One file per text layer (``...layers.{i}.``), one for everything else."""
+    parts = name.split(".")
+    if "layers" in parts and "visual" not in parts:
+        return f"layer{int(parts[parts.index('layers') + 1]):03d}"
+    return "other"
+
+
+def write_synthetic_checkpoint(out: Path, config: dict, seed: int = 0) -> int:
+    """One safetensors file per layer plus one for the rest; returns total bytes."""
     shapes = hf_tensor_shapes(config)
     out.mkdir(parents=True)
     groups: dict[str, list[str]] = {}
     for name in shapes:
-        group = f"layer{int(name.split('.')[2]):03d}" if name.startswith("model.layers.") else "other"
-        groups.setdefault(group, []).append(name)
+        groups.setdefault(file_group(name), []).append(name)
     g = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
     for i, (group, names) in enumerate(sorted(groups.items())):
@@ -110,11 +147,11 @@ for f in sorted(src.glob("*.safetensors")):
 """
 
 
-def bench(layers: int, workdir: Path) -> list[tuple]:
-    root = workdir / f"layers{layers}"
+def bench(model: str, layers: int, workdir: Path) -> list[tuple]:
+    root = workdir / f"{model}-layers{layers}"
     shutil.rmtree(root, ignore_errors=True)
     print(f"[{layers} layers] writing the synthetic HF checkpoint...", file=sys.stderr, flush=True)
-    size = write_synthetic_checkpoint(root / "hf", layers)
+    size = write_synthetic_checkpoint(root / "hf", with_layers(MODELS[model], layers))
     steps = [
         ("hf-to-mcore", ["megatron-sapo", "convert", "hf-to-mcore", "--hf", str(root / "hf"), "--out",
                          str(root / "mcore")], CLI),
@@ -133,10 +170,11 @@ def bench(layers: int, workdir: Path) -> list[tuple]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="qwen3-30b-a3b")
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 6])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/megatron_sapo_bench_convert"))
     args = parser.parse_args()
-    rows = [row for layers in args.layers for row in bench(layers, args.workdir)]
+    rows = [row for layers in args.layers for row in bench(args.model, layers, args.workdir)]
     copy_time = {layers: s for layers, name, _, s, _ in rows if name == "safetensors copy"}
     print("| layers | step | checkpoint (GB) | time (s) | GB/s | time / safetensors copy | peak RSS (MiB) |")
     print("|---|---|---|---|---|---|---|")
