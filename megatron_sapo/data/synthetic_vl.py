@@ -12,9 +12,9 @@ question "How many squares?"; the answer is the digit. Choices:
   (a scene is its background and its set of squares; duplicates are drawn again, so no picture
   sits in two splits), split three ways by the same seeded shuffle as ``synthetic``.
 * Scored by the "math" verifier (the response's last number must equal the count) rather than
-  "exact_match": there is no supervised cold start for images (the cold start trains text
-  pairs with transformers' causal-LM class), so a random model must be able to earn a reward
-  by writing the right digit anywhere last in its response.
+  "exact_match": the demo starts from a random model (its image cold start only reaches chance
+  level, see examples/tiny_cpu_vl/sapo.toml), which must be able to earn a reward by writing
+  the right digit anywhere last in its response.
 
 Only the split's pictures are drawn (with Pillow, imported when drawing), so loading the
 config, which checks the task name, stays cheap.
