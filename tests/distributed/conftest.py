@@ -91,3 +91,17 @@ def tiny_hf(tmp_path_factory):
         save_tiny_qwen3_moe(path, seed=0)
     dist.barrier()
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vl(tmp_path_factory):
+    """The tiny random Qwen3-VL-MoE (models/tiny_vl.py, seed 0, fp32, with its processor) saved
+    once for the session."""
+    from megatron_sapo.models.tiny_vl import save_tiny_qwen3_vl_moe
+    from rank_files import shared_dir
+
+    path = shared_dir(tmp_path_factory, "tiny_qwen3_vl_moe") / "hf"
+    if dist.get_rank() == 0:
+        save_tiny_qwen3_vl_moe(path, seed=0)
+    dist.barrier()
+    return path

@@ -32,17 +32,6 @@ EXPERTS, HIDDEN, WIDTH = 4, 48, 40
 FUSED = "model.language_model.layers.{}.mlp.experts.{}"
 
 
-@pytest.fixture(scope="module")
-def tiny_vl(tmp_path_factory):
-    from megatron_sapo.models.tiny_vl import save_tiny_qwen3_vl_moe
-
-    path = shared_dir(tmp_path_factory, "vl_convert_source") / "hf"
-    if dist.get_rank() == 0:
-        save_tiny_qwen3_vl_moe(path, seed=0)
-    dist.barrier()
-    return path
-
-
 def assert_hub_layout(path: Path, layers: int = 6) -> None:
     """Experts stored fused in the Hub orientation, and no per-expert tensor."""
     checkpoint = HFCheckpoint(path)

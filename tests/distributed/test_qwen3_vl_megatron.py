@@ -7,10 +7,6 @@ tokens under sequence parallelism are all on the path being compared.
 
 import pytest
 import torch
-import torch.distributed as dist
-
-from rank_files import shared_dir
-
 from megatron.core import tensor_parallel
 
 from megatron_sapo import models, torchvision_compat
@@ -23,17 +19,6 @@ from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_mod
 
 PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>how many squares? "
           "<|vision_start|><|image_pad|><|vision_end|>and here?<|im_end|>\n<|im_start|>assistant\n3")
-
-
-@pytest.fixture(scope="module")
-def tiny_vl(tmp_path_factory):
-    from megatron_sapo.models.tiny_vl import save_tiny_qwen3_vl_moe
-
-    path = shared_dir(tmp_path_factory, "tiny_qwen3_vl_moe") / "hf"
-    if dist.get_rank() == 0:
-        save_tiny_qwen3_vl_moe(path, seed=0)
-    dist.barrier()
-    return path
 
 
 @pytest.fixture(scope="module")
