@@ -521,6 +521,10 @@ def _vl_model_class():
             return tensor_parallel.scatter_to_sequence_parallel_region(tensor, group=self.tp_group)
 
         def _add_deepstack(self, index: int):
+            """Adds deepstack feature ``index`` to text layer ``index``'s output during
+            ``forward`` (the features are dropped when it returns; activation recomputation of
+            these layers, which the trainer does not enable, would need them kept)."""
+
             def hook(module, inputs, output):
                 if self._deepstack is None:
                     return output
