@@ -22,11 +22,11 @@ python -m pytest -m "not distributed" --junitxml="$reports/single.xml" --timeout
 single_rc=$?
 
 echo "== multi-rank tests (torchrun, 2 ranks, gloo)"
-timeout --signal=KILL 1800 torchrun --standalone --nproc_per_node=2 \
+timeout --signal=KILL 3000 torchrun --standalone --nproc_per_node=2 \
   -m pytest -m distributed tests/distributed --junitxml="$reports/distributed.xml" -p no:cacheprovider \
   --timeout 600 --timeout-method thread  # a rank stuck in a gloo call ignores signals
 dist_rc=$?
-[[ $dist_rc -eq 137 ]] && echo "multi-rank tests hung and were killed after 30 minutes" >&2
+[[ $dist_rc -eq 137 ]] && echo "multi-rank tests hung and were killed after 50 minutes" >&2
 
 python tools/test_summary.py "$reports/single.xml" "$reports/distributed.xml"
 summary_rc=$?
