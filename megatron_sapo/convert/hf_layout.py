@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 import torch
@@ -237,5 +238,45 @@ def fuse_experts(named: Iterable[tuple[str, torch.Tensor]], fused: FusedExperts 
     fuser.check_complete()
 
 
+# ---- after transformers' save_pretrained -------------------------------------------------------
+
+
+def write_hub_expert_orientation(model: torch.nn.Module, out: Path) -> None:
+    """Rewrite the saved fused experts as ``gate_up_proj [E, H, 2I]`` and ``down_proj [E, I, H]``.
+
+    The tensors come from the in-memory model, whose orientation (``[E, 2I, H]`` / ``[E, H, I]``)
+    is checked, so the result does not depend on which orientation ``save_pretrained`` chose.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    text = model.config.text_config
+    experts, hidden, width = text.num_experts, text.hidden_size, text.moe_intermediate_size
+    in_memory = {"gate_up_proj": (experts, 2 * width, hidden), "down_proj": (experts, hidden, width)}
+    params = dict(model.named_parameters())
+    files = sorted(out.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{out}: save_pretrained wrote no .safetensors file")
+    rewritten = 0
+    for path in files:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata()
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        for key in tensors:
+            kind = key.rsplit(".", 1)[-1]
+            if ".mlp.experts." not in key or kind not in in_memory:
+                continue
+            param = params[key]
+            if tuple(param.shape) != in_memory[kind]:
+                raise ValueError(f"{key}: in-memory shape {tuple(param.shape)}, expected {in_memory[kind]} "
+                                 "(transformers changed its fused-expert layout?)")
+            tensors[key] = param.detach().transpose(1, 2).contiguous()
+            rewritten += 1
+        save_file(tensors, path, metadata=metadata or {"format": "pt"})
+    expected = sum(1 for key in params if ".mlp.experts." in key and key.rsplit(".", 1)[-1] in in_memory)
+    if rewritten != expected:
+        raise ValueError(f"{out}: rewrote {rewritten} fused expert tensors, the model has {expected}")
+
+
 __all__ = ["DOWN", "GATE_UP", "ExpertFuser", "ExpertName", "FusedExperts", "LogicalCheckpoint", "fuse_experts",
-           "logical_view"]
+           "logical_view", "write_hub_expert_orientation"]

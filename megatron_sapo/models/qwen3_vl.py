@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,8 @@ class Qwen3VLSpec:
     vision_start_token_id: int
     mrope_section: tuple[int, int, int]
     mrope_interleaved: bool
-    fused_experts: bool = field(default=True)
+    fused_experts: bool = True
+    """The Hub stores each layer's experts fused (see ``convert/hf_layout.py``)."""
 
     # What generic code reads from any model spec.
     @property

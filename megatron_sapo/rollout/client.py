@@ -100,18 +100,20 @@ class RolloutClient:
             seeds = [[None] * group_size for _ in prompts]
         if len(seeds) != len(prompts) or any(len(s) != group_size for s in seeds):
             raise ValueError(f"seeds must be [{len(prompts)} prompts][{group_size} samples]")
+        # Once per prompt, not per sample: image prompts carry their pictures base64-encoded.
+        requests = [self._prompt_request(p) for p in prompts]
         timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            jobs = [self._sample(session, p, sampling, seeds[i][j], f"{rid_prefix}-{p.index}-{j}")
+            jobs = [self._sample(session, p.prompt_ids, requests[i], sampling, seeds[i][j],
+                                 f"{rid_prefix}-{p.index}-{j}")
                     for i, p in enumerate(prompts) for j in range(group_size)]
             samples = await asyncio.gather(*jobs)
         return [Group(prompt=p, samples=list(samples[i * group_size:(i + 1) * group_size]))
                 for i, p in enumerate(prompts)]
 
-    async def _sample(self, session, prompt: Prompt, sampling: SamplingParams, seed: int | None,
-                      rid: str) -> Sample:
-        prompt_ids = prompt.prompt_ids
-        body = {**self._prompt_request(prompt), "sampling_params": sampling.to_request(seed), "rid": rid,
+    async def _sample(self, session, prompt_ids: list[int], prompt_request: dict, sampling: SamplingParams,
+                      seed: int | None, rid: str) -> Sample:
+        body = {**prompt_request, "sampling_params": sampling.to_request(seed), "rid": rid,
                 "return_logprob": True, "logprob_start_len": len(prompt_ids) - 1}
         if self.routed_experts is not None:
             body["return_routed_experts"] = True

@@ -60,7 +60,7 @@ def cold_start(hf_dir: str | Path, examples: Sequence[SFTExample], *, steps: int
         losses.append(loss.item())
     model.save_pretrained(hf_dir)
     if with_images:
-        from megatron_sapo.models.tiny_vl import write_hub_expert_orientation
+        from megatron_sapo.convert.hf_layout import write_hub_expert_orientation
 
         write_hub_expert_orientation(model, Path(hf_dir))
     return losses
