@@ -496,7 +496,11 @@ class CheckpointConfig:
     keep_last: int = 2
     """Checkpoints kept in the output folder; older ones are deleted."""
     load_dir: str | None = None
-    """Megatron checkpoint to initialise the policy from (instead of the model's own weights)."""
+    """Megatron weights to start the policy from instead of model.hf_dir's: a folder written by
+    `megatron-sapo convert hf-to-mcore`, a training checkpoint (step_N) or a run's checkpoints
+    folder (its latest). Read at any TP/PP/EP, each rank reading its own part. model.hf_dir still
+    gives the tokenizer, the architecture and the servers' first weights; the trainer sends them
+    its weights before the first step. A resumed run loads its own checkpoint instead."""
 
     def __post_init__(self) -> None:
         _check_int("checkpoint.save_every", self.save_every, 0)

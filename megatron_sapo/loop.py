@@ -5,6 +5,8 @@
     -> k minibatch updates with the policy loss (SAPO | GRPO | GSPO)
     -> weight sync to SGLang -> metrics -> evaluation -> checkpoint
 
+A stop signal (SIGTERM, SIGUSR1) ends the run after the step under way, with a checkpoint.
+
 Every rank runs :func:`train`. Rank 0 also runs the rollout side (servers, client, prompt
 order, rewards) and broadcasts each step's batch; every rank then trains its part of the
 model. A run is reproducible: prompts follow a seeded order, each sample has its own sampling
@@ -34,6 +36,7 @@ from megatron_sapo.training.checkpoint import TrainerState, find_latest, load_ch
 from megatron_sapo.training.logprobs import compute_logprobs
 from megatron_sapo.training.routing_replay import RoutingReplay
 from megatron_sapo.training.setup import Policy, build_policy, prepare_start_model
+from megatron_sapo.training.stop import StopRequest
 from megatron_sapo.training.update import train_minibatch
 from megatron_sapo.types import Group, Prompt, TrainBatch
 
@@ -247,14 +250,21 @@ def evaluate(run: Run) -> dict[str, float]:
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def train(cfg: RunConfig, out_dir: Path, *, resume: bool = False) -> None:
-    """Collective over all ranks (torch.distributed initialised): the whole run."""
+def train(cfg: RunConfig, out_dir: Path, *, resume: bool = False) -> int | None:
+    """Collective over all ranks (torch.distributed initialised): the whole run.
+
+    Returns None when every step ran, or the signal (SIGTERM, SIGUSR1) that stopped the run
+    early, after a checkpoint of the last finished step (``training/stop.py``)."""
     pg = initialize_model_parallel(cfg.parallel, seed=cfg.train.seed)
-    run = None
+    stop_request = StopRequest().install()
+    run, stopped = None, None
     try:
         run = start(cfg, out_dir, pg, resume)
-        progress = _progress(run)
+        progress, saved_step = _progress(run), run.step
         while run.step < cfg.train.steps:
+            stopped = stop_request.agreed()
+            if stopped is not None:
+                break
             run.step += 1
             run.timings.clear()
             start_time = time.perf_counter()
@@ -270,9 +280,14 @@ def train(cfg: RunConfig, out_dir: Path, *, resume: bool = False) -> None:
                 progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.4f}")
             if _checkpoint_due(cfg, run.step):
                 checkpoint(run)
+                saved_step = run.step
+        if stopped is not None and run.step != saved_step:
+            checkpoint(run)
         if run.rollout:
             progress.close()
+        return stopped
     finally:
+        stop_request.restore()
         if run is not None:
             stop(run)
         destroy_model_parallel()
@@ -299,10 +314,12 @@ def start(cfg: RunConfig, out_dir: Path, pg, resume: bool) -> Run:
     holder = [str(prepare_start_model(cfg, out_dir)) if rank == 0 else None]
     dist.broadcast_object_list(holder, src=0)
     start_model = Path(holder[0])
-    policy = build_policy(cfg, start_model, pg, total_steps=cfg.train.steps * cfg.train.minibatches)
+    latest = find_latest(out_dir / "checkpoints") if resume else None
+    # A resumed run loads its own checkpoint below; a new one starts from checkpoint.load_dir if set.
+    policy = build_policy(cfg, start_model, pg, total_steps=cfg.train.steps * cfg.train.minibatches,
+                          load_dir=cfg.checkpoint.load_dir if latest is None else None)
     routing = RoutingReplay(policy.trainable.model, pg) if cfg.train.routing_replay != "none" else None
 
-    latest = find_latest(out_dir / "checkpoints") if resume else None
     state = load_checkpoint(latest, *policy.trainable) if latest else TrainerState(step=0, weight_version=None,
                                                                                   data_cursor={}, extra={})
     rollout = start_rollout(cfg, out_dir, start_model, policy, state) if rank == 0 else None
@@ -314,7 +331,9 @@ def start(cfg: RunConfig, out_dir: Path, pg, resume: bool) -> Run:
                       timeout_s=cfg.rollout.request_timeout_s)
     run = Run(cfg=cfg, out_dir=out_dir, pg=pg, policy=policy, routing=routing, sync=sync, rollout=rollout,
               step=state.step)
-    if latest is not None:  # the servers start from the initial weights
+    # The servers start from the HF weights: a resumed run or a policy from checkpoint.load_dir
+    # sends them its own before the first step.
+    if latest is not None or cfg.checkpoint.load_dir is not None:
         sync.sync(version=state.weight_version or f"step-{state.step}")
     return run
 
@@ -360,7 +379,9 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
                                  return_routed_experts=cfg.train.routing_replay == "r3",
                                  dtype=SERVED_DTYPES[cfg.model.params_dtype], extra_args=memory_saver + list(cfg.rollout.server_args))
                    for _ in range(cfg.rollout.num_servers)]
-        manager = ServerManager(options, out_dir / "logs", startup_timeout_s=cfg.rollout.startup_timeout_s).start()
+        # The run handles SIGTERM itself (a checkpoint first); the servers stop when it ends.
+        manager = ServerManager(options, out_dir / "logs", startup_timeout_s=cfg.rollout.startup_timeout_s,
+                                handle_signals=False).start()
         urls = manager.urls
     else:
         urls = [u if u.startswith("http") else f"http://{u}" for u in cfg.rollout.servers]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 from pathlib import Path
 
 from megatron_sapo.config import RunConfig
@@ -52,16 +54,24 @@ def run(args: argparse.Namespace) -> int:
         from megatron_sapo.parallel.launch import init_distributed
 
         init_distributed()
-        _rank_main(cfg, out_dir, args.resume)
+        stopped = _rank_main(cfg, out_dir, args.resume)
     else:
         from megatron_sapo.parallel.spawn import spawn, world_size_for
+        from megatron_sapo.training.stop import STOP_SIGNALS
 
-        spawn(_rank_main, world_size_for(cfg.parallel), cfg, out_dir, args.resume)
+        stopped = spawn(_rank_main, world_size_for(cfg.parallel), cfg, out_dir, args.resume,
+                        forward_signals=STOP_SIGNALS)
+    if stopped is not None:
+        from megatron_sapo.training.checkpoint import find_latest
+
+        print(f"stopped by {signal.Signals(stopped).name}: checkpoint {find_latest(out_dir / 'checkpoints')}; "
+              "run the same command with --resume to continue", file=sys.stderr)
+        return 128 + stopped
     print(f"done: metrics in {out_dir / 'metrics.jsonl'}; TensorBoard: tensorboard --logdir {out_dir / 'tensorboard'}")
     return 0
 
 
-def _rank_main(cfg: RunConfig, out_dir: Path, resume: bool) -> None:
+def _rank_main(cfg: RunConfig, out_dir: Path, resume: bool) -> int | None:
     from megatron_sapo.loop import train
 
-    train(cfg, out_dir, resume=resume)
+    return train(cfg, out_dir, resume=resume)

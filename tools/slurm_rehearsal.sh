@@ -221,9 +221,13 @@ check_results() {
   expected=$(seq -s ' ' 1 "$STEPS")
   [[ $steps == "$expected" ]] || fail "metrics.jsonl has steps '$steps', expected '$expected'"
   (( $(checkpoint_step) == STEPS )) || fail "latest checkpoint is step $(checkpoint_step), expected $STEPS"
+  # The signalled trainer finishes the step under way and checkpoints it: the restart resumes
+  # from that step, the requeue's or a later one.
+  grep -q 'stopped by SIGTERM: checkpoint' "$WORK/job-$job_id.out" \
+    || fail "the signalled trainer did not report its checkpoint"
   resumed=$(grep -o 'resuming from checkpoint step_[0-9]*' "$WORK/job-$job_id.out" || true)
-  [[ $resumed =~ step_0*$REQUEUE_AFTER$ ]] \
-    || fail "the restarted job did not resume from the step-$REQUEUE_AFTER checkpoint ('$resumed')"
+  [[ $resumed =~ step_0*([0-9]+)$ ]] && (( BASH_REMATCH[1] >= REQUEUE_AFTER && BASH_REMATCH[1] < STEPS )) \
+    || fail "the restarted job did not resume from a checkpoint of step $REQUEUE_AFTER..$((STEPS - 1)) ('$resumed')"
   say "job $job_id: $state after $restarts requeue; $resumed; metrics.jsonl steps: $steps"
   say "passed"
 }

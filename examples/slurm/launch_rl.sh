@@ -22,9 +22,9 @@
 #      latest checkpoint (RUN_DIR is named after the job id, which a requeue keeps).
 # Signals: SIGUSR1 (#SBATCH --signal=B:USR1@T, T seconds before the time limit) stops the
 # steps and requeues the job; SIGTERM (scancel, preemption, `scontrol requeue`) stops the steps
-# and exits. The trainer does not yet checkpoint on a signal: a stopped job loses the steps
-# since its latest checkpoint (checkpoint.save_every bounds them); checkpoints are published
-# atomically, so one cut short is never loaded.
+# and exits. The trainer finishes its current step, saves a checkpoint of it and exits with 143,
+# so T must cover one step and a save; checkpoints are published atomically, so one cut short
+# (a second signal, SIGKILL at the time limit) is never loaded.
 #
 # Environment (defaults in brackets):
 #   CONFIG            run config (TOML), relative to the submission folder [set by the .sbatch]

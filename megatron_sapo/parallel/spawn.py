@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 from math import lcm
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,22 +27,55 @@ class RankError(RuntimeError):
     """A spawned rank raised; the message is the rank's own last error line."""
 
 
-def spawn(fn: Callable, world_size: int, *args) -> None:
+def spawn(fn: Callable, world_size: int, *args, forward_signals: Sequence[int] = ()) -> int | None:
     """Call ``fn(*args)`` on ``world_size`` processes; NCCL with one GPU each when there are
     enough GPUs, gloo otherwise. If one rank fails, the others are stopped and ``RankError``
-    carries the failing rank's error (its full traceback goes to stderr first)."""
+    carries the failing rank's error (its full traceback goes to stderr first).
+
+    ``forward_signals``: signals this process passes on to every rank, which handle them
+    themselves (``kill`` reaches only this process). Returns the first of them received, or None.
+    """
     if not torch.cuda.is_available():
         # Megatron's fused elementwise kernels go through torch.compile, which on CPU would
         # compile C++ for every new shape: slower than the eager ops for these short jobs.
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     with tempfile.TemporaryDirectory() as tmp:
         rendezvous = os.path.join(tmp, "rendezvous")
-        try:
-            mp.spawn(_run_rank, args=(world_size, rendezvous, fn, args), nprocs=world_size, join=True)
-        except mp.ProcessRaisedException as err:
-            print(str(err), file=sys.stderr)
-            lines = [line for line in str(err).splitlines() if line.strip()]
-            raise RankError(f"rank {err.error_index} failed: {lines[-1] if lines else err}") from None
+        context = mp.spawn(_run_rank, args=(world_size, rendezvous, fn, args), nprocs=world_size, join=False)
+        with _forwarded(forward_signals, context.processes) as received:
+            try:
+                while not context.join():
+                    pass
+            except mp.ProcessRaisedException as err:
+                print(str(err), file=sys.stderr)
+                lines = [line for line in str(err).splitlines() if line.strip()]
+                raise RankError(f"rank {err.error_index} failed: {lines[-1] if lines else err}") from None
+            except mp.ProcessExitedException as err:
+                raise RankError(f"rank {err.error_index} exited with status {err.exit_code}"
+                                + (f" ({err.signal_name})" if err.signal_name else "")) from None
+    return received[0] if received else None
+
+
+@contextmanager
+def _forwarded(signals: Sequence[int], processes: list):
+    """Pass ``signals`` on to ``processes`` while inside; yields the list of those received."""
+    received: list[int] = []
+    if not signals or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def forward(signum, frame):
+        received.append(signum)
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in signals}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run_rank(rank: int, world_size: int, rendezvous: str, fn: Callable, args: tuple) -> None:

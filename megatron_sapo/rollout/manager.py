@@ -4,7 +4,8 @@ Each server runs in its own session (process group) with its output in a log fil
 polled on ``/health`` with a time limit; a server that dies during start-up fails the start with
 the tail of its log. On shutdown the whole process group is terminated, then killed if it has
 not exited within a grace period. Orphans are prevented three ways: :meth:`ServerManager.stop`
-runs on exit (``atexit``) and on SIGTERM/SIGINT, and on Linux each server is started with a
+runs on exit (``atexit``) and on SIGTERM/SIGINT (unless the caller handles those itself, as the
+trainer does: it stops its servers when the run ends), and on Linux each server is started with a
 parent-death signal, so even a SIGKILL of the trainer takes its servers down (SGLang's own
 workers exit with their parent). Linux sends that signal when the *thread* that started the
 server ends, not the process, so servers are always started from a thread that lives as long
@@ -86,7 +87,9 @@ class _Running:
 
 class ServerManager:
     def __init__(self, servers: list[ServerOptions], log_dir: str | Path, *, startup_timeout_s: float = 600.0,
-                 max_restarts: int = 3, grace_s: float = 20.0) -> None:
+                 max_restarts: int = 3, grace_s: float = 20.0, handle_signals: bool = True) -> None:
+        """``handle_signals``: stop the servers on SIGTERM/SIGINT, then exit (or call the handler
+        that was installed before); off for a caller that handles those signals itself."""
         if not servers:
             raise ValueError("ServerManager needs at least one server")
         ports = [(s.host, s.port) for s in servers]
@@ -98,6 +101,7 @@ class ServerManager:
         self.grace_s = grace_s
         self._servers = [_Running(s, self.log_dir / f"sglang-{s.port}.log") for s in servers]
         self._lock = threading.Lock()
+        self.handle_signals = handle_signals
         self._previous_handlers: dict[int, object] = {}
 
     @property
@@ -223,7 +227,7 @@ class ServerManager:
             return "(no log)"
 
     def _install_signal_handlers(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous_handlers[sig] = signal.signal(sig, self._on_signal)

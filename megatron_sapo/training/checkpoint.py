@@ -207,6 +207,24 @@ def find_latest(checkpoint_root: str | Path) -> Path | None:
     return path
 
 
+def weights_dir(path: str | Path) -> Path:
+    """The Megatron weights in ``path``: a folder written by ``convert hf-to-mcore`` or
+    ``save_model``, a training checkpoint (its ``model/``), or a run's checkpoints folder (the
+    latest checkpoint's ``model/``)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} does not exist")
+    if (path / LATEST_FILE).exists():
+        path = find_latest(path)
+    if (path / TRAINER_STATE_FILE).exists():
+        path = path / MODEL_DIR
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"{path} is not a Megatron checkpoint (no .metadata): expected a folder written by "
+                              "`megatron-sapo convert hf-to-mcore`, a training checkpoint (step_N) or a "
+                              "run's checkpoints folder")
+    return path
+
+
 def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> TrainerState:
     """Collective: restore the model, optimizer, LR schedule and RNG states saved in ``path``.
 

@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo.config import RunConfig
+from megatron_sapo.convert import mcore_checkpoint
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
 from megatron_sapo.convert.load import load_hf_into_model
 from megatron_sapo.models import model_family, read_hf_config, weight_table
+from megatron_sapo.training.checkpoint import weights_dir
 from megatron_sapo.training.optimizer import Trainable, build_optimizer
 
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -80,16 +82,51 @@ class Policy:
     hf_config: dict
 
 
-def build_policy(cfg: RunConfig, hf_dir: Path, pg, total_steps: int) -> Policy:
+def build_policy(cfg: RunConfig, hf_dir: Path, pg, total_steps: int, load_dir: str | None = None) -> Policy:
+    """The model of ``hf_dir`` with its weights, or with the Megatron weights of ``load_dir``."""
     hf_config = read_hf_config(hf_dir)
     family = model_family(hf_config, str(Path(hf_dir) / "config.json"))
     spec = family.from_hf_config(hf_config, cfg.parallel, router=cfg.router,
                                  params_dtype=PARAMS_DTYPES[cfg.model.params_dtype])
     module = family.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp))
     table = weight_table(family, spec)
-    load_hf_into_model(module, HFCheckpoint(hf_dir), table, pg)
+    if load_dir is None:
+        load_hf_into_model(module, HFCheckpoint(hf_dir), table, pg)
+    else:
+        mcore_checkpoint.load_model(module, megatron_weights(load_dir, hf_config, hf_dir))
     trainable = build_optimizer(module, cfg.optimizer, pg, total_steps=total_steps)
     return Policy(module=module, trainable=trainable, spec=spec, table=table, hf_config=hf_config)
+
+
+def megatron_weights(load_dir: str, hf_config: dict, hf_dir: Path) -> Path:
+    """``checkpoint.load_dir``'s weights folder, checked against the model's architecture where it
+    records one (``hf_config.json``)."""
+    path = weights_dir(load_dir)
+    if (path / mcore_checkpoint.HF_CONFIG_FILE).exists():
+        differ = config_differences(mcore_checkpoint.read_hf_config(path), hf_config)
+        if differ:
+            raise ValueError(f"checkpoint.load_dir = {load_dir}: its model differs from {hf_dir}/config.json in "
+                             + ", ".join(differ[:5]) + (" ..." if len(differ) > 5 else ""))
+    return path
+
+
+# Fields of config.json that say how a checkpoint was saved or used, not what the model is.
+NOT_ARCHITECTURE = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"})
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``key: saved -> current`` for each architecture field two HF configs both have and disagree
+    on (a field only one has is a default that the other's writer left out)."""
+    differ = []
+    for key in sorted(set(saved) & set(current)):
+        if key in NOT_ARCHITECTURE:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differ.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return differ
 
 
 def free_port(first: int = 20000, last: int = 32767) -> int:

@@ -259,3 +259,30 @@ def test_clear_errors(runs, shared_tmp):
     dist.barrier()
     with pytest.raises(CheckpointError, match="not a checkpoint folder name"):
         find_latest(root)
+
+
+def test_policy_starts_from_load_dir(runs, shared_tmp):
+    """checkpoint.load_dir: the policy gets the checkpoint's weights, not model.hf_dir's."""
+    from megatron_sapo.config_file import load_config
+    from megatron_sapo.models.tiny import save_tiny_qwen3_moe
+    from megatron_sapo.training.setup import build_policy
+
+    run = runs(ParallelConfig(tp=2), seed=3)
+    run.train_step()
+    trained = run.snapshot()["params"]
+    save_checkpoint(shared_tmp / "checkpoints", TrainerState(step=1), run.model, run.optimizer, run.scheduler,
+                    hf_config=TINY_QWEN3_MOE)
+    destroy_model_parallel()
+    if dist.get_rank() == 0:
+        save_tiny_qwen3_moe(shared_tmp / "hf")
+        (shared_tmp / "run.toml").write_text(
+            f'[model]\nhf_dir = "{shared_tmp / "hf"}"\nparams_dtype = "fp32"\n[parallel]\ntp = 2\n'
+            f'[data]\ntask = "tiny-reverse"\n[checkpoint]\nload_dir = "{shared_tmp / "checkpoints"}"\n')
+    dist.barrier()
+    cfg = load_config(shared_tmp / "run.toml")
+    pg = initialize_model_parallel(cfg.parallel, seed=0)
+    policy = build_policy(cfg, shared_tmp / "hf", pg, total_steps=1, load_dir=cfg.checkpoint.load_dir)
+    loaded = dict(policy.module.named_parameters())
+    assert loaded.keys() == trained.keys()
+    for name, value in trained.items():
+        assert torch.equal(loaded[name], value), f"parameter {name} is not the checkpoint's"

@@ -269,5 +269,6 @@ def test_rehearsal_job_runs_requeues_and_resumes(tmp_path):
                           text=True, timeout=2400)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "metrics.jsonl steps: 1 2 3 4" in done.stdout
-    assert "resuming from checkpoint step_00000002" in done.stdout
+    # The signalled trainer checkpoints the step under way: step 2 (the requeue's) or step 3.
+    assert re.search(r"resuming from checkpoint step_0000000[23]", done.stdout)
     assert done.stdout.rstrip().endswith("passed")

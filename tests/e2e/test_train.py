@@ -1,5 +1,6 @@
 """End-to-end: `megatron-sapo train` on the CPU demo config with a real SGLang server and
-Megatron at TP=2 over gloo, shortened; and exact resume.
+Megatron at TP=2 over gloo, shortened; exact resume; a stop on SIGTERM; a start from Megatron
+weights (checkpoint.load_dir).
 
 A straight 4-step run is compared with a run stopped after step 2 and resumed to step 4: with
 seeded sampling and restored RNG/optimizer/data state, reward_mean and loss must be identical.
@@ -8,11 +9,17 @@ seeded sampling and restored RNG/optimizer/data state, reward_mean and loss must
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
@@ -74,3 +81,56 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "no checkpoint" in done.stderr
+
+
+def from_start_model(straight: Path, folder: Path) -> Path:
+    """The demo config, starting from the straight run's model (no second cold start)."""
+    text = (REPO / "examples/tiny_cpu/sapo.toml").read_text()
+    assert 'builtin = "tiny-qwen3-moe"' in text
+    config = folder / "sapo.toml"
+    config.write_text(text.replace('builtin = "tiny-qwen3-moe"', f'hf_dir = "{straight / "start_model"}"'))
+    return config
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(straight, tmp_path):
+    config, out = from_start_model(straight, tmp_path), tmp_path / "signalled"
+    cmd = [sys.executable, "-m", "megatron_sapo.cli", "train", str(config), "--output", str(out), *SHORT,
+           "--steps", "20"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        deadline = time.monotonic() + 600
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no step finished"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=600)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    steps = [r["step"] for r in metrics(out)]
+    last = steps[-1]
+    assert steps == list(range(1, last + 1)) and last < 20
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
+    assert f"stopped by SIGTERM: checkpoint {out / 'checkpoints' / f'step_{last:08d}'}" in err
+    for log in (out / "logs").glob("sglang-*.log"):  # the server went down with the trainer
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", int(log.stem.split("-")[1])), timeout=5)
+    train(str(config), out, "--steps", str(last + 1), "--resume")
+    assert [r["step"] for r in metrics(out)] == list(range(1, last + 2))
+
+
+def test_policy_from_load_dir_is_served_from_the_first_step(straight, tmp_path):
+    """The servers start from model.hf_dir's weights; the trainer loads other weights (the start
+    model's, perturbed, converted with `convert hf-to-mcore`) and sends them to the servers
+    before step 1, so the two sides agree on the log-probs of step 1's samples."""
+    start, perturbed = straight / "start_model", tmp_path / "perturbed"
+    shutil.copytree(start, perturbed)
+    generator = torch.Generator().manual_seed(0)
+    for path in perturbed.glob("*.safetensors"):
+        tensors = {name: t * (1 + 0.1 * torch.randn(t.shape, generator=generator)) if t.is_floating_point() else t
+                   for name, t in load_file(path).items()}
+        save_file(tensors, path, metadata={"format": "pt"})
+    subprocess.run([sys.executable, "-m", "megatron_sapo.cli", "convert", "hf-to-mcore", "--hf", str(perturbed),
+                    "--out", str(tmp_path / "mcore")], check=True, capture_output=True, timeout=600)
+    config, out = from_start_model(straight, tmp_path), tmp_path / "from_checkpoint"
+    train(str(config), out, "--steps", "1", "--set", f"checkpoint.load_dir={tmp_path / 'mcore'}")
+    assert metrics(out)[0]["logprob_mismatch"] < 1e-4
