@@ -5,7 +5,8 @@
     -> k minibatch updates with the policy loss (SAPO | GRPO | GSPO)
     -> weight sync to SGLang -> metrics -> evaluation -> checkpoint
 
-A stop signal (SIGTERM, SIGUSR1) ends the run after the step under way, with a checkpoint.
+A stop signal (SIGTERM, SIGUSR1) or the file OUTPUT/STOP ends the run after the step under
+way, with a checkpoint.
 
 Every rank runs :func:`train`. Rank 0 also runs the rollout side (servers, client, prompt
 order, rewards) and broadcasts each step's batch; every rank then trains its part of the
@@ -17,6 +18,7 @@ resumed from step N continues exactly like a run that never stopped.
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from megatron_sapo.training.checkpoint import TrainerState, find_latest, load_ch
 from megatron_sapo.training.logprobs import compute_logprobs
 from megatron_sapo.training.routing_replay import RoutingReplay
 from megatron_sapo.training.setup import Policy, build_policy, prepare_start_model
-from megatron_sapo.training.stop import StopRequest
+from megatron_sapo.training.stop import STOP_FILE, Stopped, StopRequest
 from megatron_sapo.training.update import train_minibatch
 from megatron_sapo.types import Group, Prompt, TrainBatch
 
@@ -250,13 +252,13 @@ def evaluate(run: Run) -> dict[str, float]:
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def train(cfg: RunConfig, out_dir: Path, *, resume: bool = False) -> int | None:
+def train(cfg: RunConfig, out_dir: Path, *, resume: bool = False) -> Stopped | None:
     """Collective over all ranks (torch.distributed initialised): the whole run.
 
-    Returns None when every step ran, or the signal (SIGTERM, SIGUSR1) that stopped the run
-    early, after a checkpoint of the last finished step (``training/stop.py``)."""
+    Returns None when every step ran, or why the run stopped early (a signal, the stop file),
+    after a checkpoint of the last finished step (``training/stop.py``)."""
     pg = initialize_model_parallel(cfg.parallel, seed=cfg.train.seed)
-    stop_request = StopRequest().install()
+    stop_request = StopRequest(out_dir / STOP_FILE).install()
     run, stopped = None, None
     try:
         run = start(cfg, out_dir, pg, resume)
@@ -286,6 +288,14 @@ def train(cfg: RunConfig, out_dir: Path, *, resume: bool = False) -> int | None:
         if run.rollout:
             progress.close()
         return stopped
+    except Exception as err:
+        if stop_request.signum is None:
+            raise
+        # SLURM signals every process of a job step, so colocated servers stop with the trainer
+        # (scancel, requeue): the step under way cannot finish.
+        print(f"step {run.step if run else 0} did not finish after the stop signal ({type(err).__name__}: {err})",
+              file=sys.stderr, flush=True)
+        return Stopped(stop_request.signum)
     finally:
         stop_request.restore()
         if run is not None:

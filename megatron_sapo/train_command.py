@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from megatron_sapo.config import RunConfig
 from megatron_sapo.config_file import load_config
+
+if TYPE_CHECKING:
+    from megatron_sapo.training.stop import Stopped
 
 LAUNCHER_VARIABLES = ("RANK", "SLURM_STEP_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
@@ -53,25 +56,29 @@ def run(args: argparse.Namespace) -> int:
     if any(v in os.environ for v in LAUNCHER_VARIABLES):
         from megatron_sapo.parallel.launch import init_distributed
 
-        init_distributed()
+        rank = init_distributed().rank
         stopped = _rank_main(cfg, out_dir, args.resume)
+        if rank != 0:  # rank 0 reports for all
+            return stopped.exit_status if stopped else 0
     else:
         from megatron_sapo.parallel.spawn import spawn, world_size_for
         from megatron_sapo.training.stop import STOP_SIGNALS
 
         stopped = spawn(_rank_main, world_size_for(cfg.parallel), cfg, out_dir, args.resume,
-                        forward_signals=STOP_SIGNALS)
+                        forward_signals=STOP_SIGNALS)  # rank 0's answer
     if stopped is not None:
         from megatron_sapo.training.checkpoint import find_latest
 
-        print(f"stopped by {signal.Signals(stopped).name}: checkpoint {find_latest(out_dir / 'checkpoints')}; "
-              "run the same command with --resume to continue", file=sys.stderr)
-        return 128 + stopped
+        latest = find_latest(out_dir / "checkpoints")
+        where = (f"latest checkpoint {latest}; run the same command with --resume to continue" if latest
+                 else "no checkpoint was saved")
+        print(f"stopped by {stopped.cause}: {where}", file=sys.stderr)
+        return stopped.exit_status
     print(f"done: metrics in {out_dir / 'metrics.jsonl'}; TensorBoard: tensorboard --logdir {out_dir / 'tensorboard'}")
     return 0
 
 
-def _rank_main(cfg: RunConfig, out_dir: Path, resume: bool) -> int | None:
+def _rank_main(cfg: RunConfig, out_dir: Path, resume: bool) -> Stopped | None:
     from megatron_sapo.loop import train
 
     return train(cfg, out_dir, resume=resume)

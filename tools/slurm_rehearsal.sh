@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Rehearse the SLURM launch on one machine, for real: install SLURM and munge from Debian's
 # packages, start a one-node cluster, submit the CPU demo through the same launcher as the
-# Qwen3-30B-A3B jobs (examples/slurm/tiny_cpu.sbatch -> launch_rl.sh), requeue the job once it
-# has saved a checkpoint, and check that it finished, resumed from that checkpoint, and that
-# metrics.jsonl holds every step once. Needs root (packages, munge, daemons); docs/slurm.md.
+# Qwen3-30B-A3B jobs (examples/slurm/tiny_cpu.sbatch -> launch_rl.sh), send it the SIGUSR1 of
+# a coming time limit once it has saved a checkpoint (the trainer stops after its step with a
+# checkpoint, the job requeues itself), and check that it finished, resumed from the stop's
+# checkpoint, and that metrics.jsonl holds every step once. Needs root (packages, munge, daemons); docs/slurm.md.
 #
 #   bash tools/slurm_rehearsal.sh              # about 5-10 minutes on 2 cores
 #   STEPS=6 REQUEUE_AFTER=3 KEEP_SLURM=1 bash tools/slurm_rehearsal.sh
 #
 # Environment (defaults in brackets):
 #   REHEARSAL_DIR    config, daemon state and logs, the run [/tmp/megatron-sapo-slurm]; emptied first
-#   STEPS            RL steps of the job [4]
-#   REQUEUE_AFTER    requeue once the checkpoint of this step exists (saved every this many) [2]
+#   STEPS            RL steps of the job [6]
+#   REQUEUE_AFTER    signal the job once the checkpoint of this step exists (saved every this many) [2]
 #   JOB_SETS         config overrides that shorten the demo [see below]
 #   SLURMCTLD_PORT, SLURMD_PORT   [6817, 6818]; change them beside a running SLURM
 #   KEEP_SLURM=1     leave the daemons running at the end (sinfo, squeue with SLURM_CONF=...)
@@ -22,7 +23,7 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=$(realpath -m "${REHEARSAL_DIR:-/tmp/megatron-sapo-slurm}")
-STEPS=${STEPS:-4}
+STEPS=${STEPS:-6}
 REQUEUE_AFTER=${REQUEUE_AFTER:-2}
 # Fewer cold-start steps and prompts, no evaluation or histograms: the rehearsal checks the
 # launch, not the learning.
@@ -187,8 +188,10 @@ run_job() {
     (( SECONDS < deadline )) || fail "no step-$REQUEUE_AFTER checkpoint after $JOB_TIMEOUT s"
     sleep 2
   done
-  say "checkpoint of step $(checkpoint_step) saved: scontrol requeue $job_id"
-  scontrol requeue "$job_id"
+  # What #SBATCH --signal=B:USR1@T sends before the time limit: the launcher has the trainer
+  # stop after its step, with a checkpoint, then requeues the job itself.
+  say "checkpoint of step $(checkpoint_step) saved: SIGUSR1 to job $job_id's batch shell"
+  scancel --signal=USR1 --batch "$job_id"
   # A requeued job may start again only some time later (its begin time is pushed about two
   # minutes ahead); bring it forward so the rehearsal does not wait.
   until [[ $(job_field JobState) == PENDING ]]; do
@@ -221,10 +224,10 @@ check_results() {
   expected=$(seq -s ' ' 1 "$STEPS")
   [[ $steps == "$expected" ]] || fail "metrics.jsonl has steps '$steps', expected '$expected'"
   (( $(checkpoint_step) == STEPS )) || fail "latest checkpoint is step $(checkpoint_step), expected $STEPS"
-  # The signalled trainer finishes the step under way and checkpoints it: the restart resumes
-  # from that step, the requeue's or a later one.
-  grep -q 'stopped by SIGTERM: checkpoint' "$WORK/job-$job_id.out" \
-    || fail "the signalled trainer did not report its checkpoint"
+  # The trainer finishes the step under way and checkpoints it: the restart resumes from that
+  # step, the signal's or a later one.
+  grep -q 'stopped by the STOP file: latest checkpoint' "$WORK/job-$job_id.out" \
+    || fail "the trainer did not report stopping with a checkpoint"
   resumed=$(grep -o 'resuming from checkpoint step_[0-9]*' "$WORK/job-$job_id.out" || true)
   [[ $resumed =~ step_0*([0-9]+)$ ]] && (( BASH_REMATCH[1] >= REQUEUE_AFTER && BASH_REMATCH[1] < STEPS )) \
     || fail "the restarted job did not resume from a checkpoint of step $REQUEUE_AFTER..$((STEPS - 1)) ('$resumed')"

@@ -14,17 +14,19 @@
 #      derived from CONFIG by job_plan.py (the last ROLLOUT_NODES hosts serve, the rest train);
 #   2. convert the HF checkpoint to a Megatron one (once per model, shared by jobs, skipped when
 #      it exists): the checkpoint for parity checks and exports; the trainer itself starts from
-#      the HF weights (model.hf_dir);
+#      the HF weights (model.hf_dir), or from this one with SETS="checkpoint.load_dir=MCORE_DIR";
 #   3. disaggregated rollout: one srun step per rollout node starting its SGLang servers
 #      (serve_node.sh, bound to 0.0.0.0), then wait until every server answers /health;
 #   4. srun `megatron-sapo train CONFIG --output RUN_DIR --set rollout.servers=[...]`, with
 #      --resume when RUN_DIR/checkpoints/latest exists, so a requeued job continues from its
 #      latest checkpoint (RUN_DIR is named after the job id, which a requeue keeps).
-# Signals: SIGUSR1 (#SBATCH --signal=B:USR1@T, T seconds before the time limit) stops the
-# steps and requeues the job; SIGTERM (scancel, preemption, `scontrol requeue`) stops the steps
-# and exits. The trainer finishes its current step, saves a checkpoint of it and exits with 143,
-# so T must cover one step and a save; checkpoints are published atomically, so one cut short
-# (a second signal, SIGKILL at the time limit) is never loaded.
+# Signals: SIGUSR1 (#SBATCH --signal=B:USR1@T, T seconds before the time limit) asks the trainer
+# to stop by creating RUN_DIR/STOP: it finishes its current step, saves a checkpoint of it and
+# exits, then the job stops its servers and requeues itself; T must cover one step and a save.
+# SIGTERM (scancel, preemption, `scontrol requeue`) is passed on to every step; SLURM signals
+# their processes too, colocated servers included, so the trainer's step under way usually
+# cannot finish and the restart resumes from the previous checkpoint. Checkpoints are published
+# atomically, so one cut short is never loaded.
 #
 # Environment (defaults in brackets):
 #   CONFIG            run config (TOML), relative to the submission folder [set by the .sbatch]
@@ -84,9 +86,17 @@ requeue_requested=0
 
 # shellcheck disable=SC2317  # called by the traps below
 on_signal() {
-  log "received SIG$1: stopping the job steps"
   stop_requested=1
-  [[ $1 == USR1 ]] && requeue_requested=1
+  if [[ $1 == USR1 ]]; then
+    requeue_requested=1
+    if [[ -n $train_pid ]]; then
+      # The stop file signals nothing: colocated servers serve until the step is done.
+      log "received SIGUSR1: the trainer stops after its current step, with a checkpoint ($RUN_DIR/STOP)"
+      touch "$RUN_DIR/STOP"
+      return 0  # a bare return in a trap handler returns the interrupted command's status
+    fi
+  fi
+  log "received SIG$1: stopping the job steps"
   local pid
   for pid in $train_pid "${server_pids[@]}"; do
     kill -TERM "$pid" 2>/dev/null || true  # srun passes it on to every task of its step

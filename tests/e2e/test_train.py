@@ -1,6 +1,6 @@
 """End-to-end: `megatron-sapo train` on the CPU demo config with a real SGLang server and
-Megatron at TP=2 over gloo, shortened; exact resume; a stop on SIGTERM; a start from Megatron
-weights (checkpoint.load_dir).
+Megatron at TP=2 over gloo, shortened; exact resume; a stop on SIGTERM and with the STOP file;
+a start from Megatron weights (checkpoint.load_dir).
 
 A straight 4-step run is compared with a run stopped after step 2 and resumed to step 4: with
 seeded sampling and restored RNG/optimizer/data state, reward_mean and loss must be identical.
@@ -92,16 +92,21 @@ def from_start_model(straight: Path, folder: Path) -> Path:
     return config
 
 
-def test_sigterm_stops_after_the_step_with_a_checkpoint(straight, tmp_path):
-    config, out = from_start_model(straight, tmp_path), tmp_path / "signalled"
+def start_and_wait_for_step(cmd: list[str], out: Path, step: int, stderr) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    deadline = time.monotonic() + 600
+    while not ((out / "metrics.jsonl").exists() and any(r["step"] >= step for r in metrics(out))):
+        assert proc.poll() is None and time.monotonic() < deadline, f"step {step} did not finish"
+        time.sleep(0.5)
+    return proc
+
+
+def test_sigterm_or_stop_file_ends_the_run_after_the_step_with_a_checkpoint(straight, tmp_path):
+    config, out = from_start_model(straight, tmp_path), tmp_path / "stopped"
     cmd = [sys.executable, "-m", "megatron_sapo.cli", "train", str(config), "--output", str(out), *SHORT,
            "--steps", "20"]
     with open(tmp_path / "stderr.txt", "w") as stderr:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
-        deadline = time.monotonic() + 600
-        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline, "no step finished"
-            time.sleep(0.5)
+        proc = start_and_wait_for_step(cmd, out, 1, stderr)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=600)
     err = (tmp_path / "stderr.txt").read_text()
@@ -109,13 +114,25 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(straight, tmp_path):
     steps = [r["step"] for r in metrics(out)]
     last = steps[-1]
     assert steps == list(range(1, last + 1)) and last < 20
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
-    assert f"stopped by SIGTERM: checkpoint {out / 'checkpoints' / f'step_{last:08d}'}" in err
+    latest = out / "checkpoints" / f"step_{last:08d}"
+    assert (out / "checkpoints" / "latest").read_text().strip() == latest.name
+    assert f"stopped by SIGTERM: latest checkpoint {latest}; run the same command with --resume" in err
     for log in (out / "logs").glob("sglang-*.log"):  # the server went down with the trainer
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", int(log.stem.split("-")[1])), timeout=5)
-    train(str(config), out, "--steps", str(last + 1), "--resume")
-    assert [r["step"] for r in metrics(out)] == list(range(1, last + 2))
+
+    # Resumed, then stopped with the file: exit status 0, the file consumed.
+    with open(tmp_path / "stderr2.txt", "w") as stderr:
+        proc = start_and_wait_for_step([*cmd, "--resume"], out, last + 1, stderr)
+        (out / "STOP").touch()
+        proc.wait(timeout=600)
+    err = (tmp_path / "stderr2.txt").read_text()
+    assert proc.returncode == 0, err[-3000:]
+    steps = [r["step"] for r in metrics(out)]
+    assert steps == list(range(1, steps[-1] + 1)) and last < steps[-1] < 20
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{steps[-1]:08d}"
+    assert "stopped by the STOP file: latest checkpoint" in err
+    assert not (out / "STOP").exists()
 
 
 def test_policy_from_load_dir_is_served_from_the_first_step(straight, tmp_path):

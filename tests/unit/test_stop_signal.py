@@ -1,5 +1,6 @@
-"""Stopping a run on SIGTERM / SIGUSR1: the handler, the ranks' agreement, and signals passed on
-from the process that spawned the ranks (what `kill` of a `megatron-sapo train` reaches)."""
+"""Stopping a run on SIGTERM / SIGUSR1 or the STOP file: the handler, the ranks' agreement, and
+signals passed on from the process that spawned the ranks (what `kill` of a `megatron-sapo train`
+reaches)."""
 
 import os
 import signal
@@ -12,7 +13,7 @@ import pytest
 import torch.distributed as dist
 
 from megatron_sapo.parallel.spawn import RankError, spawn
-from megatron_sapo.training.stop import STOP_SIGNALS, StopRequest
+from megatron_sapo.training.stop import STOP_SIGNALS, Stopped, StopRequest
 
 pytestmark = pytest.mark.unit
 
@@ -31,7 +32,9 @@ def test_first_signal_is_recorded_second_exits(one_rank_group, capsys):
         assert request.agreed() is None
         os.kill(os.getpid(), signal.SIGUSR1)
         assert request.signum == signal.SIGUSR1
-        assert request.agreed() == signal.SIGUSR1
+        stopped = request.agreed()
+        assert stopped == Stopped(signal.SIGUSR1)
+        assert (stopped.cause, stopped.exit_status) == ("SIGUSR1", 128 + signal.SIGUSR1)
         assert "received SIGUSR1: stopping after this step" in capsys.readouterr().err
         with pytest.raises(SystemExit) as stop_now:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -41,7 +44,17 @@ def test_first_signal_is_recorded_second_exits(one_rank_group, capsys):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-def wait_for_stop(folder: str) -> None:
+def test_stop_file_is_honoured_once(one_rank_group, tmp_path):
+    request = StopRequest(tmp_path / "STOP")
+    assert request.agreed() is None
+    (tmp_path / "STOP").touch()
+    stopped = request.agreed()
+    assert stopped == Stopped(None) and (stopped.cause, stopped.exit_status) == ("the STOP file", 0)
+    assert not (tmp_path / "STOP").exists()  # consumed: a resumed run goes on
+    assert request.agreed() is None
+
+
+def wait_for_stop(folder: str) -> Stopped:
     """A rank: signal readiness, then wait until the ranks agree that a stop was asked for."""
     request = StopRequest().install()
     rank = dist.get_rank()
@@ -51,7 +64,8 @@ def wait_for_stop(folder: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("no stop signal arrived")
         time.sleep(0.05)
-    Path(folder, f"stopped-{rank}").write_text(str(agreed))
+    Path(folder, f"stopped-{rank}").write_text(str(agreed.signum))
+    return agreed
 
 
 def test_spawned_ranks_receive_and_agree_on_the_signal(tmp_path):
@@ -63,8 +77,7 @@ def test_spawned_ranks_receive_and_agree_on_the_signal(tmp_path):
 
     sender = threading.Thread(target=send_when_ready, daemon=True)
     sender.start()
-    received = spawn(wait_for_stop, 2, str(tmp_path), forward_signals=STOP_SIGNALS)
-    assert received == signal.SIGTERM
+    assert spawn(wait_for_stop, 2, str(tmp_path), forward_signals=STOP_SIGNALS) == Stopped(signal.SIGTERM)
     assert [(tmp_path / f"stopped-{r}").read_text() for r in range(2)] == [str(int(signal.SIGTERM))] * 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
