@@ -24,7 +24,9 @@ from safetensors.torch import load_file, save_file
 pytestmark = [pytest.mark.sglang, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-SHORT = ["--set", "train.sft_steps=60", "--set", "rollout.prompts_per_step=8", "--set", "train.micro_batch_size=16",
+# The demo's full cold start (130 steps) stays: after a shorter one every reward is 0, so every
+# update is 0 and the resume test below would compare zeros. Later runs start from its model.
+SHORT = ["--set", "rollout.prompts_per_step=8", "--set", "train.micro_batch_size=16",
          "--set", "eval.every=2", "--set", "eval.max_problems=8", "--set", "checkpoint.keep_last=2",
          "--set", "logging.histogram_every=2"]
 
@@ -38,6 +40,15 @@ def train(config: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def from_start_model(straight: Path, folder: Path) -> Path:
+    """The demo config, starting from the straight run's model (no second cold start)."""
+    text = (REPO / "examples/tiny_cpu/sapo.toml").read_text()
+    assert 'builtin = "tiny-qwen3-moe"' in text
+    config = folder / "sapo.toml"
+    config.write_text(text.replace('builtin = "tiny-qwen3-moe"', f'hf_dir = "{straight / "start_model"}"'))
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +68,8 @@ def test_outputs(straight):
         assert 0.0 <= row["reward_mean"] <= 1.0
         assert row["logprob_mismatch"] < 2e-2  # fp32 serving and training
     assert "pass_at_1" in rows[1] and "pass_at_1" in rows[3]
+    # Real updates happen, so the resume test compares something.
+    assert max(r["reward_mean"] for r in rows) > 0 and min(r["grad_norm"] for r in rows) > 0
     assert (straight / "config.toml").read_text().count("[loss]") == 1
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
     assert (straight / "checkpoints" / "latest").read_text().strip() == "step_00000004"
@@ -65,14 +78,14 @@ def test_outputs(straight):
 
 
 def test_resume_is_exact(straight, tmp_path):
-    out = tmp_path / "resumed"
-    train("examples/tiny_cpu/sapo.toml", out, "--steps", "2", "--save-every", "2")
-    train("examples/tiny_cpu/sapo.toml", out, "--steps", "4", "--save-every", "2", "--resume")
+    config, out = from_start_model(straight, tmp_path), tmp_path / "resumed"
+    train(str(config), out, "--steps", "2", "--save-every", "2")
+    train(str(config), out, "--steps", "4", "--save-every", "2", "--resume")
     resumed, reference = metrics(out), metrics(straight)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for ours, theirs in zip(resumed, reference):
-        assert ours["reward_mean"] == theirs["reward_mean"], ours["step"]
-        assert ours["loss"] == theirs["loss"], ours["step"]
+        for key in ("reward_mean", "loss", "grad_norm"):
+            assert ours[key] == theirs[key], (ours["step"], key)
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
@@ -81,15 +94,6 @@ def test_resume_without_checkpoint_is_an_error(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "no checkpoint" in done.stderr
-
-
-def from_start_model(straight: Path, folder: Path) -> Path:
-    """The demo config, starting from the straight run's model (no second cold start)."""
-    text = (REPO / "examples/tiny_cpu/sapo.toml").read_text()
-    assert 'builtin = "tiny-qwen3-moe"' in text
-    config = folder / "sapo.toml"
-    config.write_text(text.replace('builtin = "tiny-qwen3-moe"', f'hf_dir = "{straight / "start_model"}"'))
-    return config
 
 
 def start_and_wait_for_step(cmd: list[str], out: Path, step: int, stderr) -> subprocess.Popen:
