@@ -48,6 +48,25 @@ def read_hf_config(ckpt_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+# Fields of config.json that say how a checkpoint was saved or used, not what the model is.
+NOT_ARCHITECTURE = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"})
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``key: saved -> current`` for each architecture field two HF configs both have and disagree
+    on (a field only one has is a default that the other's writer left out)."""
+    differ = []
+    for key in sorted(set(saved) & set(current)):
+        if key in NOT_ARCHITECTURE:
+            continue
+        a, b = saved[key], current[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differ.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return differ
+
+
 def load_model(model, ckpt_dir: str | Path) -> None:
     """Collective: load this rank's share of ``model`` from a checkpoint of any layout."""
     from megatron.core import dist_checkpointing

@@ -61,8 +61,10 @@ def parity(args: argparse.Namespace) -> int:
     hf_dir, ckpt = Path(args.hf), Path(args.mcore)
     hf_config = read_hf_config(hf_dir)
     family = model_family(hf_config, str(hf_dir / "config.json"))
-    if mcore_checkpoint.read_hf_config(ckpt) != hf_config:
-        print(f"warning: {ckpt}/{mcore_checkpoint.HF_CONFIG_FILE} differs from {hf_dir}/config.json", flush=True)
+    differ = mcore_checkpoint.config_differences(mcore_checkpoint.read_hf_config(ckpt), hf_config)
+    if differ:
+        print(f"warning: {ckpt}/{mcore_checkpoint.HF_CONFIG_FILE} differs from {hf_dir}/config.json in "
+              + ", ".join(differ), flush=True)
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep)
     spec = family.from_hf_config(hf_config, parallel)
     if getattr(spec, "vision", None) is not None:

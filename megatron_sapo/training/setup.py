@@ -103,30 +103,11 @@ def megatron_weights(load_dir: str, hf_config: dict, hf_dir: Path) -> Path:
     records one (``hf_config.json``)."""
     path = weights_dir(load_dir)
     if (path / mcore_checkpoint.HF_CONFIG_FILE).exists():
-        differ = config_differences(mcore_checkpoint.read_hf_config(path), hf_config)
+        differ = mcore_checkpoint.config_differences(mcore_checkpoint.read_hf_config(path), hf_config)
         if differ:
             raise ValueError(f"checkpoint.load_dir = {load_dir}: its model differs from {hf_dir}/config.json in "
                              + ", ".join(differ[:5]) + (" ..." if len(differ) > 5 else ""))
     return path
-
-
-# Fields of config.json that say how a checkpoint was saved or used, not what the model is.
-NOT_ARCHITECTURE = frozenset({"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"})
-
-
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """``key: saved -> current`` for each architecture field two HF configs both have and disagree
-    on (a field only one has is a default that the other's writer left out)."""
-    differ = []
-    for key in sorted(set(saved) & set(current)):
-        if key in NOT_ARCHITECTURE:
-            continue
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            differ += config_differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            differ.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return differ
 
 
 def free_port(first: int = 20000, last: int = 32767) -> int:

@@ -7,7 +7,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from megatron_sapo.training.checkpoint import CheckpointError, weights_dir
-from megatron_sapo.training.setup import config_differences, megatron_weights
+from megatron_sapo.convert.mcore_checkpoint import config_differences
+from megatron_sapo.training.setup import megatron_weights
 
 pytestmark = pytest.mark.unit
 
