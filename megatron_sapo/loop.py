@@ -1,7 +1,8 @@
 """The RL loop: one step per rollout batch, in the paper's order.
 
     prompts -> rollout (G samples each, SGLang) -> rewards -> group advantages
-    -> old log-probs (Megatron forward; routes recorded for R2)
+    -> each data-parallel replica receives its own rows
+    -> old log-probs on those rows (Megatron forward; routes recorded for R2)
     -> k minibatch updates with the policy loss (SAPO | GRPO | GSPO)
     -> weight sync to SGLang -> metrics -> evaluation -> checkpoint
 
@@ -9,8 +10,9 @@ A stop signal (SIGTERM, SIGUSR1) or the file OUTPUT/STOP ends the run after the 
 way, with a checkpoint.
 
 Every rank runs :func:`train`. Rank 0 also runs the rollout side (servers, client, prompt
-order, rewards) and broadcasts each step's batch; every rank then trains its part of the
-model. A run is reproducible: prompts follow a seeded order, each sample has its own sampling
+order, rewards) and sends each data-parallel replica its share of the step's rows
+(``training/shard.py``); every rank then trains its part of the model on its replica's rows,
+and step metrics are reduced over the replicas so they describe the whole step. A run is reproducible: prompts follow a seeded order, each sample has its own sampling
 seed derived from (seed, step, prompt, sample), and checkpoints hold every RNG state, so a run
 resumed from step N continues exactly like a run that never stopped.
 """
@@ -33,11 +35,14 @@ from megatron_sapo.config_file import dump_config
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.rollout.client import RolloutClient, RoutedExperts, SamplingParams
 from megatron_sapo.rollout.weight_sync import ServerEndpoint, WeightSync
-from megatron_sapo.training.batch import build_train_batch, image_layout
+from megatron_sapo.parallel.collectives import comm_device
+from megatron_sapo.training.batch import build_train_batch, compact_routes, image_layout
 from megatron_sapo.training.checkpoint import TrainerState, find_latest, load_checkpoint, save_checkpoint
 from megatron_sapo.training.logprobs import compute_logprobs
+from megatron_sapo.training.microbatch import Batching
 from megatron_sapo.training.routing_replay import RoutingReplay
 from megatron_sapo.training.setup import Policy, build_policy, prepare_start_model
+from megatron_sapo.training.shard import ReplicaRows, replica_shares, scatter_rows
 from megatron_sapo.training.stop import STOP_FILE, Stopped, StopRequest
 from megatron_sapo.training.update import train_minibatch
 from megatron_sapo.types import Group, Prompt, TrainBatch
@@ -67,6 +72,12 @@ class Run:
     sync: WeightSync
     rollout: Rollout | None
     """Only on rank 0."""
+    replica_of_rank: list[int]
+    """The data-parallel rank of each world rank."""
+    device: torch.device
+    """Where the model (and so each step's batch) lives."""
+    pad_id: int
+    """The tokenizer's padding token."""
     step: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -85,7 +96,7 @@ def rl_step(run: Run) -> dict[str, float]:
         groups = generate_groups(run, step) if run.rollout else None
     with run.timed("reward"):
         rollout_metrics = score_groups(run, groups) if run.rollout else {}
-        batch = broadcast(make_train_batch(run, groups) if run.rollout else None)
+        batch, minibatch_rows = receive_rows(run, groups)
     release = cfg.rollout.release_memory_during_train and run.rollout is not None
     if release:
         run.rollout.client.release_memory()
@@ -95,9 +106,9 @@ def rl_step(run: Run) -> dict[str, float]:
             batch.routes = run.routing.recorded
     update_metrics, agreement = [], None
     with run.timed("train"):
-        for minibatch in minibatches(batch, cfg.train.minibatches, run.pg):
+        for minibatch in minibatches(batch, minibatch_rows):
             update_metrics.append(train_minibatch(
-                *run.policy.trainable, minibatch, cfg.loss, run.pg, micro_batch_size=cfg.train.micro_batch_size,
+                *run.policy.trainable, minibatch, cfg.loss, run.pg, batching=Batching.of(cfg.train),
                 temperature=cfg.rollout.temperature, true_vocab_size=run.policy.spec.vocab_size,
                 routing=run.routing if batch.routes is not None else None))
             if agreement is None and batch.routes is not None:
@@ -110,7 +121,9 @@ def rl_step(run: Run) -> dict[str, float]:
     if release:
         run.rollout.client.resume_memory(("kv_cache",))
     metrics = {**rollout_metrics, **mean_metrics([m.as_dict() for m in update_metrics]),
-               "logprob_mismatch": logprob_mismatch(batch)}
+               "logprob_mismatch": logprob_mismatch(batch, run.pg),
+               "train_token_util": sum(m.real_tokens for m in update_metrics)
+               / sum(m.processed_tokens for m in update_metrics)}
     clipped = [metrics[k] for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual") if k in metrics]
     if clipped:
         metrics["clip_frac"] = sum(clipped)
@@ -165,45 +178,45 @@ def rollout_weight_step(samples: list) -> float:
     return float(min(int(v.removeprefix("step-")) if v.startswith("step-") else 0 for v in versions))
 
 
-def make_train_batch(run: Run, groups: list[Group]) -> TrainBatch:
-    """Rank 0: group-normalised advantages (paper eq. 2) and the padded batch (with each row's
-    images for a vision-language model)."""
+def replica_rows(run: Run, groups: list[Group]) -> list[ReplicaRows]:
+    """Rank 0: group-normalised advantages (paper eq. 2), then every replica's share of the
+    rows (with each row's images for a vision-language model, and its routes for R3 in the
+    smallest type that holds them)."""
+    cfg = run.cfg
     rewards = torch.tensor([g.rewards for g in groups])
     advantages = group_advantages(rewards).flatten().tolist()
     samples = [s for g in groups for s in g.samples]
-    return build_train_batch(samples, advantages, run.rollout.tokenizer.pad_token_id,
-                             with_routes=run.cfg.train.routing_replay == "r3",
-                             vision=[g.prompt.vision for g in groups for _ in g.samples],
-                             layout=image_layout(run.policy.spec))
+    if cfg.train.routing_replay == "r3":
+        for sample in samples:
+            sample.routed_experts = compact_routes(sample.routed_experts, run.policy.spec.config.num_moe_experts).numpy()
+    vision = [g.prompt.vision for g in groups for _ in g.samples] if image_layout(run.policy.spec) else None
+    return replica_shares(samples, advantages, vision, cfg.train.minibatches, run.pg.dp.size(),
+                          balance=cfg.train.max_tokens_per_microbatch > 0)
 
 
-def broadcast(batch: TrainBatch | None) -> TrainBatch:
-    holder = [batch]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+def receive_rows(run: Run, groups: list[Group] | None) -> tuple[TrainBatch, list[int]]:
+    """This replica's rows as a padded batch on the model's device, and the rows of each
+    minibatch (collective over the world)."""
+    mine = scatter_rows(replica_rows(run, groups) if run.rollout else None, run.replica_of_rank)
+    batch = build_train_batch(mine.samples, mine.advantages, run.pad_id,
+                              with_routes=run.cfg.train.routing_replay == "r3",
+                              num_experts=run.policy.spec.config.num_moe_experts, vision=mine.vision,
+                              layout=image_layout(run.policy.spec))
+    return batch.to(run.device), mine.minibatch_rows
 
 
 def old_logprobs(run: Run, batch: TrainBatch) -> torch.Tensor:
-    """Log-probs of the policy before this step's updates (routes recorded under R2)."""
-    return compute_logprobs(run.policy.trainable.model, batch, run.pg,
-                            micro_batch_size=run.cfg.train.micro_batch_size, temperature=run.cfg.rollout.temperature,
-                            true_vocab_size=run.policy.spec.vocab_size,
+    """Log-probs of the policy before this step's updates on this replica's rows (routes
+    recorded under R2)."""
+    return compute_logprobs(run.policy.trainable.model, batch, run.pg, batching=Batching.of(run.cfg.train),
+                            temperature=run.cfg.rollout.temperature, true_vocab_size=run.policy.spec.vocab_size,
                             routing=run.routing if run.cfg.train.routing_replay != "none" else None)
 
 
-def minibatches(batch: TrainBatch, count: int, pg) -> list[TrainBatch]:
-    """``count`` consecutive slices of the batch (whole groups stay together when the group size
-    divides the slice), each split evenly over the data-parallel ranks."""
-    rows = batch.batch_size
-    if rows % count:
-        raise ValueError(f"{rows} samples do not split into train.minibatches = {count}")
-    per_minibatch = rows // count
-    dp_size, dp_rank = pg.dp.size(), dist.get_rank(pg.dp)
-    if per_minibatch % dp_size:
-        raise ValueError(f"a minibatch of {per_minibatch} samples does not split over {dp_size} data-parallel ranks")
-    per_rank = per_minibatch // dp_size
-    return [batch.select(slice(m * per_minibatch + dp_rank * per_rank, m * per_minibatch + (dp_rank + 1) * per_rank))
-            for m in range(count)]
+def minibatches(batch: TrainBatch, minibatch_rows: list[int]) -> list[TrainBatch]:
+    """This replica's rows of each minibatch (consecutive in its batch)."""
+    starts = [sum(minibatch_rows[:m]) for m in range(len(minibatch_rows))]
+    return [batch.select(slice(start, start + rows)) for start, rows in zip(starts, minibatch_rows)]
 
 
 def mean_metrics(per_minibatch: list[dict[str, float]]) -> dict[str, float]:
@@ -211,25 +224,32 @@ def mean_metrics(per_minibatch: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(m[k] for m in per_minibatch if k in m) / sum(k in m for m in per_minibatch) for k in keys}
 
 
-def logprob_mismatch(batch: TrainBatch) -> float:
-    """Mean |trainer log-prob - rollout log-prob| over response tokens (train/rollout drift)."""
+def logprob_mismatch(batch: TrainBatch, pg) -> float:
+    """Mean |trainer log-prob - rollout log-prob| over the step's response tokens, all
+    replicas together (train/rollout drift)."""
     mask = batch.loss_mask
-    return ((batch.old_logprobs - batch.rollout_logprobs).abs() * mask).sum().item() / max(mask.sum().item(), 1.0)
+    sums = torch.stack([((batch.old_logprobs - batch.rollout_logprobs).abs() * mask).sum(), mask.sum()])
+    sums = sums.to(comm_device(pg.dp_cp), torch.float64)
+    dist.all_reduce(sums, group=pg.dp_cp)
+    return sums[0].item() / max(sums[1].item(), 1.0)
 
 
 def histograms(run: Run, batch: TrainBatch) -> None:
     """Token ratios after this step's updates against the old policy, ``Var_i``, ``D_i`` and its
-    bound (the paper's figures 2-3 for this run)."""
+    bound (the paper's figures 2-3 for this run), over every replica's rows."""
     routing = run.routing if batch.routes is not None else None
-    new = compute_logprobs(run.policy.trainable.model, batch, run.pg, micro_batch_size=run.cfg.train.micro_batch_size,
+    new = compute_logprobs(run.policy.trainable.model, batch, run.pg, batching=Batching.of(run.cfg.train),
                            temperature=run.cfg.rollout.temperature,
                            true_vocab_size=run.policy.spec.vocab_size, routing=routing)
-    if run.rollout is None:
-        return
     diag = gate_diagnostics(new, batch.old_logprobs, batch.advantages, batch.loss_mask,
                             run.cfg.loss.tau_pos, run.cfg.loss.tau_neg)
-    run.rollout.log.histograms(run.step, {"token_ratio": diag.token_ratios, "log_ratio_var": diag.log_ratio_var,
-                                          "gate_gap": diag.gate_gap, "gate_gap_bound": diag.gap_bound})
+    values = {"token_ratio": diag.token_ratios, "log_ratio_var": diag.log_ratio_var,
+              "gate_gap": diag.gate_gap, "gate_gap_bound": diag.gap_bound}
+    values = {key: value.cpu() for key, value in values.items()}
+    gathered = [None] * run.pg.dp.size() if dist.get_rank(run.pg.dp) == 0 else None
+    dist.gather_object(values, gathered, group=run.pg.dp, group_dst=0)
+    if run.rollout is not None:
+        run.rollout.log.histograms(run.step, {key: torch.cat([part[key] for part in gathered]) for key in values})
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -333,13 +353,17 @@ def start(cfg: RunConfig, out_dir: Path, pg, resume: bool) -> Run:
     state = load_checkpoint(latest, *policy.trainable) if latest else TrainerState(step=0, weight_version=None,
                                                                                   data_cursor={}, extra={})
     rollout = start_rollout(cfg, out_dir, start_model, policy, state) if rank == 0 else None
-    urls = [rollout.client.urls if rollout else None]
-    dist.broadcast_object_list(urls, src=0)
-    sync = WeightSync(policy.module, policy.table, pg, [ServerEndpoint(u, cfg.rollout.server_tp) for u in urls[0]],
+    shared = [(rollout.client.urls, rollout.tokenizer.pad_token_id) if rollout else None]
+    dist.broadcast_object_list(shared, src=0)
+    urls, pad_id = shared[0]
+    sync = WeightSync(policy.module, policy.table, pg, [ServerEndpoint(u, cfg.rollout.server_tp) for u in urls],
                       path=cfg.rollout.weight_sync, bucket_bytes=cfg.rollout.bucket_mb * 2**20,
                       hf_config=policy.hf_config, disk_dir=out_dir / "weight_sync_hf",
                       timeout_s=cfg.rollout.request_timeout_s)
+    replica_of_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(replica_of_rank, dist.get_rank(pg.dp))
     run = Run(cfg=cfg, out_dir=out_dir, pg=pg, policy=policy, routing=routing, sync=sync, rollout=rollout,
+              replica_of_rank=replica_of_rank, device=next(policy.module.parameters()).device, pad_id=pad_id,
               step=state.step)
     # The servers start from the HF weights: a resumed run or a policy from checkpoint.load_dir
     # sends them its own before the first step.

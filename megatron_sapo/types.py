@@ -10,6 +10,7 @@ router chose while reading token ``t``), which is the same thing, since the toke
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -137,12 +138,14 @@ class RolloutBatch:
 
 @dataclass
 class TrainBatch:
-    """Padded tensors for the trainer; row ``i`` is sample ``i`` of the rollout batch.
+    """Padded tensors for the trainer; row ``i`` is sample ``i`` of the rows this rank trains.
 
-    All tensors are ``[B, T]`` (``routes``: ``[B, T, moe_layers, top_k]``, ``position_ids``:
-    ``[3, B, T]``) on the same device; see the module docstring for the alignment of positions
-    and tokens. Vision-language models also get each row's images (``vision``) and multimodal
-    RoPE positions; text models leave both None.
+    All tensors are ``[B, T]`` (``position_ids``: ``[3, B, T]``) on one device, ``T`` the
+    longest row; see the module docstring for the alignment of positions and tokens. Routes are
+    kept per row for its real tokens only, in a small integer type and on the CPU: they are the
+    largest per-token data of a step, and a microbatch moves its own rows' routes to the device
+    when it runs (``training/microbatch.py``). Vision-language models also get each row's images
+    (``vision``) and multimodal RoPE positions; text models leave both None.
     """
 
     tokens: torch.Tensor
@@ -157,17 +160,39 @@ class TrainBatch:
     """float rollout-engine log-prob of each target (0 where masked)."""
     old_logprobs: torch.Tensor | None = None
     """float log-prob of each target under the trainer's policy before the update."""
-    routes: torch.Tensor | None = None
-    """int32 experts to replay per input position (R2: recorded; R3: from the rollout)."""
+    routes: list[torch.Tensor] | None = None
+    """Per row, the experts to replay at each input position but the last: ``[length - 1,
+    moe_layers, top_k]`` in ``route_dtype`` (R2: recorded; R3: from the rollout), on the CPU."""
     position_ids: torch.Tensor | None = None
     """int64 ``[3, B, T]`` multimodal RoPE positions (temporal, height, width); None: ``0..T-1``."""
     vision: list[VisionInputs | None] | None = None
     """Per row, the images of the row's prompt (None for a text-only row); samples of one prompt
     share one object. None for text models."""
+    lengths: torch.Tensor | None = None
+    """int64 ``[B]`` real tokens of each row (prompt + response); None: every row is ``T`` long."""
 
     @property
     def batch_size(self) -> int:
         return self.tokens.shape[0]
+
+    @property
+    def row_lengths(self) -> list[int]:
+        """Real tokens of each row."""
+        if self.lengths is None:
+            return [self.tokens.shape[1]] * self.batch_size
+        return self.lengths.tolist()
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        """The batch with its tensors on ``device`` (routes and images stay where they are: a
+        microbatch moves its own when it runs)."""
+
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return dataclasses.replace(
+            self, tokens=move(self.tokens), targets=move(self.targets), loss_mask=move(self.loss_mask),
+            advantages=move(self.advantages), rollout_logprobs=move(self.rollout_logprobs),
+            old_logprobs=move(self.old_logprobs), position_ids=move(self.position_ids), lengths=move(self.lengths))
 
     @property
     def vision_inputs(self) -> VisionInputs | None:
@@ -183,9 +208,29 @@ class TrainBatch:
         return TrainBatch(
             tokens=self.tokens[rows], targets=self.targets[rows], loss_mask=self.loss_mask[rows],
             advantages=self.advantages[rows], rollout_logprobs=self.rollout_logprobs[rows],
-            old_logprobs=pick(self.old_logprobs), routes=pick(self.routes),
+            old_logprobs=pick(self.old_logprobs), routes=None if self.routes is None else _pick_rows(self.routes, rows),
             position_ids=None if self.position_ids is None else self.position_ids[:, rows],
-            vision=None if self.vision is None else _pick_rows(self.vision, rows))
+            vision=None if self.vision is None else _pick_rows(self.vision, rows), lengths=pick(self.lengths))
+
+    def trimmed(self, length: int) -> "TrainBatch":
+        """The first ``length`` positions of every ``[B, T]`` tensor (rows no longer than that)."""
+
+        def cut(t):
+            return None if t is None else t[..., :length]
+
+        return dataclasses.replace(
+            self, tokens=cut(self.tokens), targets=cut(self.targets), loss_mask=cut(self.loss_mask),
+            rollout_logprobs=cut(self.rollout_logprobs), old_logprobs=cut(self.old_logprobs),
+            position_ids=cut(self.position_ids))
+
+
+def route_dtype(num_experts: int) -> torch.dtype:
+    """The smallest integer type that holds expert ids ``0..num_experts - 1``."""
+    if num_experts <= 256:
+        return torch.uint8
+    if num_experts <= 2**15:
+        return torch.int16
+    return torch.int32
 
 
 def _pick_rows(items: list, rows: slice | torch.Tensor) -> list:

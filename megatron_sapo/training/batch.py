@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from megatron_sapo.types import Sample, TrainBatch, VisionInputs
+from megatron_sapo.types import Sample, TrainBatch, VisionInputs, route_dtype
 
 
 @dataclass(frozen=True)
@@ -41,23 +41,26 @@ def image_layout(spec) -> ImageLayout | None:
 
 
 def build_train_batch(samples: Sequence[Sample], advantages: Sequence[float], pad_id: int, *,
-                      with_routes: bool = False, vision: Sequence[VisionInputs | None] | None = None,
+                      with_routes: bool = False, num_experts: int | None = None,
+                      vision: Sequence[VisionInputs | None] | None = None,
                       layout: ImageLayout | None = None) -> TrainBatch:
     """Right-pad every ``prompt + response`` to the longest; the loss covers response tokens.
 
-    ``with_routes``: also carry the routed experts the rollout engine returned (R3); positions
-    past a sequence's end keep zeros, which the replay treats as padding.
+    ``with_routes``: also carry the routed experts the rollout engine returned (R3), per row for
+    its real tokens only, in the smallest integer type that holds ``num_experts`` ids.
     ``layout``: the model is a vision-language model; ``vision[i]`` holds the images of sample
     ``i``'s prompt (None: none), and the batch gets multimodal positions."""
     if len(samples) != len(advantages):
         raise ValueError(f"{len(samples)} samples but {len(advantages)} advantages")
+    if with_routes and num_experts is None:
+        raise ValueError("build_train_batch: with_routes needs num_experts")
     length = max(len(s.tokens) for s in samples)
     rows = len(samples)
     tokens = torch.full((rows, length), pad_id, dtype=torch.long)
     targets = torch.full((rows, length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros(rows, length)
     rollout_logprobs = torch.zeros(rows, length)
-    routes = None
+    routes = [] if with_routes else None
     for i, sample in enumerate(samples):
         ids = torch.tensor(sample.tokens)
         n, first = len(ids), len(sample.prompt_ids) - 1
@@ -68,18 +71,26 @@ def build_train_batch(samples: Sequence[Sample], advantages: Sequence[float], pa
         if with_routes:
             if sample.routed_experts is None:
                 raise ValueError(f"sample {i} has no routed experts (R3 needs the rollout to return them)")
-            if routes is None:
-                _, layers, top_k = sample.routed_experts.shape
-                routes = torch.zeros(rows, length, layers, top_k, dtype=torch.int32)
-            routes[i, :n - 1] = torch.from_numpy(np.asarray(sample.routed_experts, dtype=np.int32))
+            routes.append(compact_routes(sample.routed_experts, num_experts))
     batch = TrainBatch(tokens=tokens, targets=targets, loss_mask=loss_mask,
                        advantages=torch.tensor(list(advantages), dtype=torch.float32),
-                       rollout_logprobs=rollout_logprobs, routes=routes)
+                       rollout_logprobs=rollout_logprobs, routes=routes,
+                       lengths=torch.tensor([len(s.tokens) for s in samples], dtype=torch.long))
     if layout is not None:
         _add_vision(batch, samples, vision if vision is not None else [None] * rows, layout, pad_id)
     elif vision is not None and any(v is not None for v in vision):
         raise ValueError("samples carry images but no ImageLayout was given (is the model a vision-language one?)")
     return batch
+
+
+def compact_routes(routes: np.ndarray | torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routes ``[tokens, layers, top_k]`` as a tensor of the smallest integer type that holds
+    ids ``0..num_experts - 1`` (``route_dtype``)."""
+    routes = torch.as_tensor(np.asarray(routes)) if not torch.is_tensor(routes) else routes
+    if routes.numel() and (int(routes.min()) < 0 or int(routes.max()) >= num_experts):
+        raise ValueError(f"routes hold expert ids {int(routes.min())}..{int(routes.max())}, outside "
+                         f"0..{num_experts - 1}")
+    return routes.to(route_dtype(num_experts))
 
 
 def _add_vision(batch: TrainBatch, samples: Sequence[Sample], vision: Sequence[VisionInputs | None],

@@ -5,12 +5,17 @@ R2 replays the routes the trainer itself chose in the old-log-prob pass, R3 the 
 rollout engine chose while sampling. The expert *weights* still come from the current router
 (a softmax over the router's logits at the replayed experts), so the router keeps a gradient.
 
-Routes travel as ``TrainBatch.routes``: int ``[B, T, moe_layers, top_k]`` over all MoE layers of
-the whole model (dense layers have no entry), indexed by input position. Megatron's
+Routes travel as ``TrainBatch.routes``: per row, ``[length - 1, moe_layers, top_k]`` over all
+MoE layers of the whole model (dense layers have no entry), indexed by input position, in the
+smallest integer type that holds the expert ids (``types.route_dtype``: uint8 up to 256
+experts), on the CPU, for the rank's own rows only. A microbatch lays its rows' routes out on
+the device as it runs (``training/microbatch.py``, padded or packed). Megatron's
 ``RouterReplay`` (one per MoE layer, created when ``moe_enable_routing_replay`` is on) wants,
 per layer of this stage, ``[tokens, top_k]`` in the router's own token order: sequence-major
 (``s * b + i``), and under sequence parallelism only this tensor-parallel rank's slice of the
-sequence. This module converts between the two.
+sequence. This module converts between the two. Recording keeps each microbatch's routes on
+the device in the small type until the pass ends, then gathers the sequence slices, picks each
+row's real tokens and moves them to the CPU, one microbatch at a time.
 
 Choices:
 
@@ -39,8 +44,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo.config import ConfigError
-from megatron_sapo.parallel.collectives import all_gather_cat
-from megatron_sapo.types import TrainBatch
+from megatron_sapo.parallel.collectives import all_gather_cat, comm_device
+from megatron_sapo.training.microbatch import Microbatch
+from megatron_sapo.types import TrainBatch, route_dtype
 
 
 class RoutingReplay:
@@ -72,18 +78,17 @@ class RoutingReplay:
                                   "(router.routing_replay in the config)")
             self._routers.append(layer.mlp.router)
             self._layers.append(moe_index[layer.layer_number - 1])
+        self.route_dtype = route_dtype(self.num_experts)
         self._mode: str | None = None
         self._hooks = []  # agreement counters on the routers, while replaying
-        self._length = 0  # real (unpadded) positions of the current pass's microbatches
-        self._recorded: list[torch.Tensor] = []
+        self._recorded: list[tuple[Microbatch, torch.Tensor]] = []
         self._valid: list[torch.Tensor] = []
         # [agreeing, counted] (token, layer) routes of the current replay pass, on the device
         # the collectives use.
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-        self._agreement_counts = torch.zeros(2, dtype=torch.float64, device=device)
-        self.recorded: torch.Tensor | None = None
-        """After ``recording()``: int32 ``[B, T, moe_layers, top_k]`` routes of the pass, on every rank
-        holding that data (all pipeline stages and tensor-parallel ranks)."""
+        self._agreement_counts = torch.zeros(2, dtype=torch.float64, device=comm_device(pg_collection.dp_cp))
+        self.recorded: list[torch.Tensor] | None = None
+        """After ``recording()``: the routes of the pass as ``TrainBatch.routes`` (per row
+        ``[length - 1, moe_layers, top_k]``, CPU), on every rank of the replica."""
         self.agreement: float | None = None
         """After ``replaying()``: fraction of valid (token, layer) routes of the pass on which the
         router's own choice equals the replayed one, over all ranks; None if nothing was replayed."""
@@ -91,12 +96,13 @@ class RoutingReplay:
     # -- passes ------------------------------------------------------------------------------
 
     @contextmanager
-    def recording(self) -> Iterator["RoutingReplay"]:
-        """A pass that records each microbatch's routes; on exit ``recorded`` holds them (collective)."""
+    def recording(self, batch: TrainBatch) -> Iterator["RoutingReplay"]:
+        """A pass over ``batch`` that records each microbatch's routes; on exit ``recorded``
+        holds them (collective)."""
         self._begin("record")
         try:
             yield self
-            self.recorded = self._assemble_recorded()
+            self.recorded = self._assemble_recorded(batch)
         finally:
             self._end()
 
@@ -113,16 +119,14 @@ class RoutingReplay:
             self._end()
 
     @contextmanager
-    def microbatch(self, micro: TrainBatch, seq_len: int) -> Iterator[None]:
-        """Wraps the forward of one microbatch, fed to the model right-padded to ``seq_len``
-        positions; called in schedule order."""
+    def microbatch(self, micro: Microbatch) -> Iterator[None]:
+        """Wraps the forward of one microbatch; called in schedule order."""
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
         if self._mode is None:
             raise RuntimeError("RoutingReplay.microbatch outside recording() or replaying()")
-        self._length = micro.tokens.shape[1]
         if self._mode == "replay":
-            self._set_targets(micro, seq_len)
+            self._set_targets(micro)
             self._set_action(RouterReplayAction.REPLAY_FORWARD)
         else:
             self._set_action(RouterReplayAction.RECORD)
@@ -130,27 +134,29 @@ class RoutingReplay:
         if self._mode == "replay":
             # Until the next forward step, router calls are backward recomputes of earlier microbatches.
             self._set_action(RouterReplayAction.REPLAY_BACKWARD)
-        else:
-            self._recorded.append(self._collect_recorded(micro, seq_len))
+        elif micro.row_index:  # an empty microbatch has no rows to record for
+            self._recorded.append((micro, self._collect_recorded(micro)))
 
     # -- replay ------------------------------------------------------------------------------
 
     def _check_routes(self, batch: TrainBatch) -> None:
         if batch.routes is None:
             raise ValueError("routing replay needs TrainBatch.routes (R3: from the rollout; R2: recorded)")
-        expected = (*batch.tokens.shape, self.num_moe_layers, self.top_k)
-        if tuple(batch.routes.shape) != expected:
-            raise ValueError(f"TrainBatch.routes has shape {tuple(batch.routes.shape)}; expected "
-                             f"{list(expected)} [B, T, MoE layers of the whole model, top_k]")
+        if len(batch.routes) != batch.batch_size:
+            raise ValueError(f"TrainBatch.routes holds {len(batch.routes)} rows for a batch of {batch.batch_size}")
+        for row, (routes, length) in enumerate(zip(batch.routes, batch.row_lengths)):
+            expected = (length - 1, self.num_moe_layers, self.top_k)
+            if tuple(routes.shape) != expected:
+                raise ValueError(f"TrainBatch.routes[{row}] has shape {tuple(routes.shape)}; expected "
+                                 f"{list(expected)} [row length - 1, MoE layers of the whole model, top_k]")
 
-    def _set_targets(self, micro: TrainBatch, seq_len: int) -> None:
-        batch, length = micro.tokens.shape
-        routes, valid = distinct_routes(micro.routes.long(), self.num_experts)
-        pad = seq_len - length
-        if pad:
-            fallback = _fallback(batch, pad, routes.shape[2], self.top_k, routes.device)
-            routes = torch.cat([routes, fallback], dim=1)
-            valid = torch.cat([valid, valid.new_zeros(batch, pad, valid.shape[2])], dim=1)
+    def _set_targets(self, micro: Microbatch) -> None:
+        if micro.routes is None:  # an empty microbatch: nothing to replay, nothing counted
+            shape = (*micro.tokens.shape, self.num_moe_layers, self.top_k)
+            routes = torch.full(shape, -1, dtype=torch.long, device=micro.tokens.device)
+        else:
+            routes = micro.routes
+        routes, valid = distinct_routes(routes, self.num_experts)
         self._valid = []
         for router, layer in zip(self._routers, self._layers):
             # [B, S, K] -> [S, B, K]: the router reads tokens sequence-major.
@@ -185,27 +191,37 @@ class RoutingReplay:
 
     # -- record ------------------------------------------------------------------------------
 
-    def _collect_recorded(self, micro: TrainBatch, seq_len: int) -> torch.Tensor:
-        """This microbatch's routes on this rank: ``[S_local, b, MoE layers of this stage, K]``."""
-        shape = (seq_len // self._sequence_parallel_size(), micro.batch_size, self.top_k)
+    def _collect_recorded(self, micro: Microbatch) -> torch.Tensor:
+        """This microbatch's routes on this rank, in the small route type:
+        ``[S_local, b, MoE layers of this stage, K]``."""
+        b, seq_len = micro.tokens.shape
+        shape = (seq_len // self._sequence_parallel_size(), b, self.top_k)
         layers = [router.router_replay.get_recorded_indices() for router in self._routers]
         if any(indices is None for indices in layers):
             raise RuntimeError("a router recorded no routes; is router fusion on?")
         if not layers:  # a pipeline stage of dense layers only
-            return torch.zeros(shape[0], shape[1], 0, shape[2], dtype=torch.long, device=micro.tokens.device)
-        return torch.stack([indices.view(shape) for indices in layers], dim=2)
+            return torch.zeros(shape[0], shape[1], 0, shape[2], dtype=self.route_dtype, device=micro.tokens.device)
+        return torch.stack([indices.view(shape) for indices in layers], dim=2).to(self.route_dtype)
 
-    def _assemble_recorded(self) -> torch.Tensor:
-        """All microbatches' routes as ``[B, T, moe_layers, K]`` on every rank of the stage groups."""
-        local = torch.cat(self._recorded, dim=1).to(torch.int32)  # [S_local, B, L_local, K]
-        if self._sequence_parallel_size() > 1:
-            local = all_gather_cat(local, self._pg.tp, dim=0)
-        local = local.transpose(0, 1)[:, : self._length]  # [B, T, L_local, K]
-        full = local.new_zeros(*local.shape[:2], self.num_moe_layers, self.top_k)
-        full[:, :, self._layers] = local
-        if dist.get_world_size(self._pg.pp) > 1:  # each MoE layer lives on exactly one stage
-            dist.all_reduce(full, group=self._pg.pp)
-        return full
+    def _assemble_recorded(self, batch: TrainBatch) -> list[torch.Tensor]:
+        """The recorded routes as ``TrainBatch.routes`` for ``batch``, on every rank of the
+        replica (collective over the tensor- and pipeline-parallel groups)."""
+        rows: list[torch.Tensor | None] = [None] * batch.batch_size
+        device = comm_device(self._pg.pp)
+        for micro, local in self._recorded:  # local: [S_local, b, L_local, K]
+            if self._sequence_parallel_size() > 1:
+                local = all_gather_cat(local.to(comm_device(self._pg.tp)), self._pg.tp, dim=0)
+            per_row = micro.unpack(local.transpose(0, 1))  # [b, T, L_local, K]
+            full = per_row.new_zeros(*per_row.shape[:2], self.num_moe_layers, self.top_k)
+            full[:, :, self._layers] = per_row
+            if dist.get_world_size(self._pg.pp) > 1:  # each MoE layer lives on exactly one stage
+                full = full.to(device)
+                dist.all_reduce(full, group=self._pg.pp)
+            for row, index, length in zip(full, micro.row_index, micro.rows.row_lengths):
+                rows[index] = row[:length - 1].cpu()
+        if any(row is None for row in rows):
+            raise RuntimeError("routing replay recorded no routes for some rows of the batch")
+        return rows
 
     # -- shared ------------------------------------------------------------------------------
 
@@ -268,7 +284,3 @@ def distinct_routes(routes: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
     valid = in_range & distinct
     fallback = torch.arange(routes.shape[-1], device=routes.device).expand_as(routes)
     return torch.where(valid.unsqueeze(-1), routes, fallback), valid
-
-
-def _fallback(batch: int, length: int, layers: int, top_k: int, device) -> torch.Tensor:
-    return torch.arange(top_k, device=device).expand(batch, length, layers, top_k)

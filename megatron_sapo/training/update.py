@@ -1,7 +1,9 @@
 """One optimizer step on a minibatch: the policy loss (RL) or the token NLL (supervised start).
 
-The minibatch (this data-parallel rank's rows) is split into microbatches that run forward and
-backward through Megatron's pipeline schedule, then the optimizer steps once.
+The minibatch (this data-parallel rank's rows) is split into microbatches
+(``training/microbatch.py``: fixed rows or a token budget, each padded to its own longest row
+or packed) that run forward and backward through Megatron's pipeline schedule, then the
+optimizer steps once.
 
 Loss scaling, so that any split gives the gradient of the whole minibatch: each microbatch's
 loss is ``policy_loss(..., normalizer=N)`` where ``N`` is the aggregation's denominator (token
@@ -28,8 +30,10 @@ import torch.distributed as dist
 
 from megatron_sapo.algo import kl_penalty, loss_normalizer, policy_loss
 from megatron_sapo.config import LossConfig
-from megatron_sapo.parallel import vocab_parallel_logprobs
-from megatron_sapo.training.forward import padded_length, run_schedule, split_microbatches, token_forward_step
+from megatron_sapo.parallel.collectives import comm_device
+from megatron_sapo.training.forward import (microbatches, row_logprobs, run_schedule, sequence_multiple,
+                                            token_forward_step)
+from megatron_sapo.training.microbatch import Batching, Microbatch, microbatch_cost, plan_microbatches
 from megatron_sapo.training.optimizer import current_lr
 from megatron_sapo.types import TrainBatch
 
@@ -74,6 +78,12 @@ class StepMetrics:
     routing_agreement: float | None = None
     """With routing replay: fraction of (token, MoE layer) routes where the router's own choice
     equals the replayed one."""
+    microbatches: float | None = None
+    """Microbatches each rank ran (the same on every rank)."""
+    real_tokens: float | None = None
+    """Tokens of the minibatch's rows (prompts and responses), all data-parallel ranks together."""
+    processed_tokens: float | None = None
+    """Token positions the model ran for them (padding included), all data-parallel ranks together."""
 
     def as_dict(self) -> dict[str, float]:
         """The fields that have a value, for logging."""
@@ -86,7 +96,7 @@ _REDUCTIONS = {"loss": "sum", "tokens": "sum", "ratio_min": "min", "ratio_max": 
 
 
 def train_minibatch(model, optimizer, scheduler, batch: TrainBatch, loss_cfg: LossConfig, pg_collection, *,
-                    micro_batch_size: int, temperature: float, true_vocab_size: int,
+                    batching: Batching, temperature: float, true_vocab_size: int,
                     routing=None) -> StepMetrics:
     """One policy-gradient step on ``batch`` (this data-parallel rank's rows of the minibatch).
 
@@ -96,37 +106,38 @@ def train_minibatch(model, optimizer, scheduler, batch: TrainBatch, loss_cfg: Lo
     """
     _check_policy_inputs(batch, loss_cfg)
 
-    def policy_head(logits, micro: TrainBatch, normalizer: torch.Tensor):
-        logp, entropy = _logprobs_and_entropy(logits, micro, pg_collection, temperature, true_vocab_size)
-        loss, metrics = policy_loss(logp, micro.old_logprobs, micro.advantages, micro.loss_mask, loss_cfg,
+    def policy_head(logits, micro: Microbatch, normalizer: torch.Tensor):
+        rows = micro.rows
+        logp, entropy = row_logprobs(logits, micro, pg_collection.tp, temperature=temperature,
+                                     vocab_size=true_vocab_size, entropy=True)
+        loss, metrics = policy_loss(logp, rows.old_logprobs, rows.advantages, rows.loss_mask, loss_cfg,
                                     normalizer=normalizer, entropy=entropy)
-        mask = micro.loss_mask.bool()
-        metrics["kl_old"] = _masked_mean(kl_penalty(logp.detach(), micro.old_logprobs, mask, "k3"), mask)
+        mask = rows.loss_mask.bool()
+        metrics["kl_old"] = _masked_mean(kl_penalty(logp.detach(), rows.old_logprobs, mask, "k3"), mask)
         return loss, metrics
 
     return _update(model, optimizer, scheduler, batch, pg_collection, policy_head,
-                   normalizer=loss_normalizer(batch.loss_mask, loss_cfg.agg),
-                   micro_batch_size=micro_batch_size, routing=routing)
+                   normalizer=loss_normalizer(batch.loss_mask, loss_cfg.agg), batching=batching, routing=routing)
 
 
-def sft_minibatch(model, optimizer, scheduler, batch: TrainBatch, pg_collection, *, micro_batch_size: int,
+def sft_minibatch(model, optimizer, scheduler, batch: TrainBatch, pg_collection, *, batching: Batching,
                   true_vocab_size: int, temperature: float = 1.0, routing=None) -> StepMetrics:
     """One supervised step on ``batch``: mean negative log-likelihood of the ``loss_mask`` tokens
     over the whole minibatch (all data-parallel ranks). Collective over all ranks."""
 
-    def nll_head(logits, micro: TrainBatch, normalizer: torch.Tensor):
-        logp, entropy = _logprobs_and_entropy(logits, micro, pg_collection, temperature, true_vocab_size)
-        mask = micro.loss_mask.bool()
+    def nll_head(logits, micro: Microbatch, normalizer: torch.Tensor):
+        logp, entropy = row_logprobs(logits, micro, pg_collection.tp, temperature=temperature,
+                                     vocab_size=true_vocab_size, entropy=True)
+        mask = micro.rows.loss_mask.bool()
         loss = -torch.where(mask, logp, torch.zeros_like(logp)).sum() / normalizer
         return loss, {"tokens": mask.sum().to(torch.float32), "entropy": _masked_mean(entropy.detach(), mask)}
 
     return _update(model, optimizer, scheduler, batch, pg_collection, nll_head,
-                   normalizer=loss_normalizer(batch.loss_mask, "token-mean"),
-                   micro_batch_size=micro_batch_size, routing=routing)
+                   normalizer=loss_normalizer(batch.loss_mask, "token-mean"), batching=batching, routing=routing)
 
 
 def _update(model, optimizer, scheduler, batch: TrainBatch, pg_collection, loss_head, *,
-            normalizer: torch.Tensor, micro_batch_size: int, routing) -> StepMetrics:
+            normalizer: torch.Tensor, batching: Batching, routing) -> StepMetrics:
     """Forward+backward over the microbatches of ``batch`` with ``loss_head``, then one optimizer step.
 
     ``loss_head(logits, micro, global_normalizer) -> (loss, metrics)``; ``normalizer`` is this
@@ -134,24 +145,26 @@ def _update(model, optimizer, scheduler, batch: TrainBatch, pg_collection, loss_
     """
     if not hasattr(model, "zero_grad_buffer"):
         raise TypeError("the model must be the DistributedDataParallel wrapper returned by build_optimizer")
-    microbatches = split_microbatches(batch, micro_batch_size)
-    seq_len = padded_length(model, batch.tokens.shape[1])
+    multiple = sequence_multiple(model)
+    lengths = batch.row_lengths
+    plan = plan_microbatches(lengths, batching, multiple, pg_collection.dp_cp)
     global_normalizer = _global_normalizer(normalizer, pg_collection)
     # Cancels the schedule's division by the number of microbatches and DDP's mean over replicas.
-    loss_scale = len(microbatches) * dist.get_world_size(pg_collection.dp_cp)
+    loss_scale = len(plan) * dist.get_world_size(pg_collection.dp_cp)
 
-    def head(logits, micro: TrainBatch):
+    def head(logits, micro: Microbatch):
         loss, metrics = loss_head(logits, micro, global_normalizer)
         metrics["loss"] = loss.detach()
         return loss * loss_scale, metrics
 
-    step = token_forward_step(head, seq_len=seq_len, routing=routing)
+    step = token_forward_step(head, routing=routing)
     model.train()
     model.zero_grad_buffer()
     optimizer.zero_grad()
     with routing.replaying(batch) if routing is not None else nullcontext():
-        collected = run_schedule(model, microbatches, step, pg_collection, seq_len=seq_len,
-                                 forward_only=False)
+        collected = run_schedule(model, microbatches(model, batch, plan, pack=batching.pack,
+                                                     with_routes=routing is not None),
+                                 len(plan), step, pg_collection, forward_only=False)
     lr = current_lr(optimizer)
     succeeded, grad_norm, _ = optimizer.step()
     if not succeeded:
@@ -159,13 +172,19 @@ def _update(model, optimizer, scheduler, batch: TrainBatch, pg_collection, loss_
     scheduler.step(1)
     metrics = _reduce_metrics(collected, pg_collection)
     agreement = routing.agreement if routing is not None else None
-    return StepMetrics(grad_norm=float(grad_norm), lr=lr, routing_agreement=agreement, **metrics)
+    real, processed = _token_counts(lengths, plan, batching.pack, multiple, pg_collection)
+    return StepMetrics(grad_norm=float(grad_norm), lr=lr, routing_agreement=agreement, microbatches=float(len(plan)),
+                       real_tokens=real, processed_tokens=processed, **metrics)
 
 
-def _logprobs_and_entropy(logits, micro: TrainBatch, pg_collection, temperature: float, true_vocab_size: int):
-    """``[b, T]`` log-probs of the targets and entropies, from this rank's vocabulary shard."""
-    return vocab_parallel_logprobs(logits, micro.targets, group=pg_collection.tp, temperature=temperature,
-                                   entropy=True, vocab_size=true_vocab_size)
+def _token_counts(lengths: list[int], plan: list[list[int]], pack: bool, multiple: int,
+                  pg_collection) -> tuple[float, float]:
+    """Real tokens of the rows and token positions the model ran, over all data-parallel ranks."""
+    processed = sum(microbatch_cost([lengths[i] for i in rows], pack, multiple) for rows in plan)
+    counts = torch.tensor([float(sum(lengths)), float(processed)], dtype=torch.float64,
+                          device=comm_device(pg_collection.dp_cp))
+    dist.all_reduce(counts, group=pg_collection.dp_cp)
+    return counts[0].item(), counts[1].item()
 
 
 def _check_policy_inputs(batch: TrainBatch, loss_cfg: LossConfig) -> None:
@@ -185,7 +204,7 @@ def _check_policy_inputs(batch: TrainBatch, loss_cfg: LossConfig) -> None:
 
 
 def _global_normalizer(local: torch.Tensor, pg_collection) -> torch.Tensor:
-    total = local.detach().to(torch.float32).clone()
+    total = local.detach().to(comm_device(pg_collection.dp_cp), torch.float32).clone()
     dist.all_reduce(total, group=pg_collection.dp_cp)
     if total <= 0:
         raise ValueError("the minibatch has no loss tokens on any data-parallel rank "
@@ -204,7 +223,8 @@ def _reduce_metrics(collected: list[dict[str, torch.Tensor]], pg_collection) -> 
 
 
 def _reduce_over_data_parallel(collected: list[dict[str, torch.Tensor]], group) -> dict[str, float]:
-    per_key = {key: torch.stack([m[key] for m in collected]).double() for key in collected[0]}
+    device = comm_device(group)
+    per_key = {key: torch.stack([m[key] for m in collected]).to(device, torch.float64) for key in collected[0]}
     tokens = per_key["tokens"]
     local: dict[str, dict[str, torch.Tensor]] = {"sum": {}, "min": {}, "max": {}}
     for key, values in per_key.items():

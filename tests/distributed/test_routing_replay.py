@@ -25,6 +25,7 @@ from megatron_sapo.config import LossConfig
 from megatron_sapo.models.tiny import TINY_QWEN3_MOE
 from megatron_sapo.parallel.groups import destroy_model_parallel
 from megatron_sapo.training.logprobs import compute_logprobs
+from megatron_sapo.training.microbatch import Batching
 from megatron_sapo.training.optimizer import build_optimizer
 from megatron_sapo.training.routing_replay import RoutingReplay
 from megatron_sapo.training.update import train_minibatch
@@ -131,7 +132,7 @@ def test_r3_replays_the_given_routes(layouts, tiny_hf, world, layout):
     def logprobs(routes=None, replay=None):
         mine = batch.select(rows)
         mine.routes = None if routes is None else routes[rows]
-        return compute_logprobs(run.module, mine, run.pg, micro_batch_size=2, temperature=TEMPERATURE,
+        return compute_logprobs(run.module, mine, run.pg, batching=Batching(2), temperature=TEMPERATURE,
                                 true_vocab_size=VOCAB, routing=replay)
 
     plain = logprobs()
@@ -156,7 +157,7 @@ def test_r2_records_then_replays_in_training(layouts, tiny_hf, world, layout):
     rows = run.rows(batch)
     mine = batch.select(rows)
 
-    compute_logprobs(run.module, mine, run.pg, micro_batch_size=2, temperature=TEMPERATURE,
+    compute_logprobs(run.module, mine, run.pg, batching=Batching(2), temperature=TEMPERATURE,
                      true_vocab_size=VOCAB, routing=routing)
     assert routing.recorded.shape == (mine.batch_size, SEQ, 3, TOP_K)
     assert worst_over_ranks((~same_sets(routing.recorded, own[rows])).sum(), world) == 0
@@ -168,11 +169,11 @@ def test_r2_records_then_replays_in_training(layouts, tiny_hf, world, layout):
     expected_agreement = same_sets(own_when_forced, own).double().mean().item()
     mine.routes = routing.recorded
 
-    replayed = compute_logprobs(run.module, mine, run.pg, micro_batch_size=2, temperature=TEMPERATURE,
+    replayed = compute_logprobs(run.module, mine, run.pg, batching=Batching(2), temperature=TEMPERATURE,
                                 true_vocab_size=VOCAB, routing=routing)
     assert spread(replayed, reference[rows], world) <= TOL
     assert routing.agreement == expected_agreement < 1
-    unreplayed = compute_logprobs(run.module, mine, run.pg, micro_batch_size=2, temperature=TEMPERATURE,
+    unreplayed = compute_logprobs(run.module, mine, run.pg, batching=Batching(2), temperature=TEMPERATURE,
                                   true_vocab_size=VOCAB)
     assert spread(unreplayed, replayed, world) > 1e-3
 
@@ -180,7 +181,7 @@ def test_r2_records_then_replays_in_training(layouts, tiny_hf, world, layout):
     # so every ratio to it is 1.
     mine.old_logprobs = reference[rows]
     model, optimizer, scheduler = build_optimizer(run.module, OPTIMIZER, run.pg, total_steps=1)
-    metrics = train_minibatch(model, optimizer, scheduler, mine, LossConfig(), run.pg, micro_batch_size=2,
+    metrics = train_minibatch(model, optimizer, scheduler, mine, LossConfig(), run.pg, batching=Batching(2),
                               temperature=TEMPERATURE, true_vocab_size=VOCAB, routing=routing)
     assert metrics.routing_agreement == expected_agreement
     assert abs(metrics.ratio_min - 1) <= TOL and abs(metrics.ratio_max - 1) <= TOL
@@ -193,10 +194,10 @@ def test_routes_of_the_wrong_shape_are_refused(layouts, tiny_hf):
     mine.routes = torch.zeros(mine.batch_size, SEQ, 4, TOP_K, dtype=torch.int32)  # 4 layers; 3 are MoE
     shapes = r"TrainBatch.routes has shape \(4, 11, 4, 2\); expected \[4, 11, 3, 2\]"
     with pytest.raises(ValueError, match=shapes):
-        compute_logprobs(run.module, mine, run.pg, micro_batch_size=2, temperature=1.0, true_vocab_size=VOCAB,
+        compute_logprobs(run.module, mine, run.pg, batching=Batching(2), temperature=1.0, true_vocab_size=VOCAB,
                          routing=routing)
     mine.routes = None
-    compute_logprobs(run.module, mine, run.pg, micro_batch_size=2, temperature=1.0, true_vocab_size=VOCAB,
+    compute_logprobs(run.module, mine, run.pg, batching=Batching(2), temperature=1.0, true_vocab_size=VOCAB,
                      routing=routing)  # the failed pass left the routers clean: this one records
     assert routing.recorded.shape == (mine.batch_size, SEQ, 3, TOP_K)
 
@@ -211,13 +212,13 @@ def test_replay_survives_activation_recompute(layouts, tiny_hf, world):
     for recompute in (False, True):
         run = layouts(tiny_hf, pp=2, recompute=recompute)
         routing = RoutingReplay(run.module, run.pg)
-        old = compute_logprobs(run.module, batch, run.pg, micro_batch_size=2, temperature=TEMPERATURE,
+        old = compute_logprobs(run.module, batch, run.pg, batching=Batching(2), temperature=TEMPERATURE,
                                true_vocab_size=VOCAB, routing=routing)
         perturb_megatron_routers(run.module, deltas)
         mine = batch.select(slice(None))
         mine.old_logprobs, mine.routes = old, routing.recorded
         model, optimizer, scheduler = build_optimizer(run.module, OPTIMIZER, run.pg, total_steps=1)
-        metrics = train_minibatch(model, optimizer, scheduler, mine, LossConfig(), run.pg, micro_batch_size=2,
+        metrics = train_minibatch(model, optimizer, scheduler, mine, LossConfig(), run.pg, batching=Batching(2),
                                   temperature=TEMPERATURE, true_vocab_size=VOCAB, routing=routing)
         results[recompute] = metrics, run.hf_weights(world)
         destroy_model_parallel()

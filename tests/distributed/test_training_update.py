@@ -34,6 +34,7 @@ from megatron_sapo.models.tiny import TINY_QWEN3_MOE
 from megatron_sapo.parallel.collectives import all_gather_cat
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.training.logprobs import compute_logprobs
+from megatron_sapo.training.microbatch import Batching
 from megatron_sapo.training.optimizer import build_optimizer, current_lr
 from megatron_sapo.training.update import sft_minibatch, train_minibatch
 from megatron_sapo.types import TrainBatch
@@ -192,13 +193,13 @@ def test_update_matches_transformers(layouts, tiny_hf, tmp_path_factory, world, 
     rows = run.rows(batch)
     mine = batch.select(rows)
 
-    logprobs = compute_logprobs(run.module, mine, run.pg, micro_batch_size=2, temperature=TEMPERATURE,
+    logprobs = compute_logprobs(run.module, mine, run.pg, batching=Batching(2), temperature=TEMPERATURE,
                                 true_vocab_size=VOCAB)
     assert worst_over_ranks((logprobs - reference["logprobs"][rows]).abs().max(), world) <= TOL
     assert worst_over_ranks(logprobs[mine.loss_mask == 0].abs().max(), world) == 0
 
     model, optimizer, scheduler = build_optimizer(run.module, OPTIMIZER, run.pg, total_steps=1)
-    metrics = train_minibatch(model, optimizer, scheduler, mine, loss_cfg, run.pg, micro_batch_size=2,
+    metrics = train_minibatch(model, optimizer, scheduler, mine, loss_cfg, run.pg, batching=Batching(2),
                               temperature=TEMPERATURE, true_vocab_size=VOCAB)
     assert_step_matches(metrics, reference)
     assert metrics.lr == OPTIMIZER.lr
@@ -219,7 +220,7 @@ def test_microbatch_split_does_not_change_the_update(layouts, tiny_hf, tmp_path_
         model, optimizer, scheduler = build_optimizer(run.module, opt, run.pg, total_steps=1)
         results[micro_batch_size] = train_minibatch(
             model, optimizer, scheduler, batch.select(run.rows(batch)), loss_cfg, run.pg,
-            micro_batch_size=micro_batch_size, temperature=TEMPERATURE, true_vocab_size=VOCAB)
+            batching=Batching(micro_batch_size), temperature=TEMPERATURE, true_vocab_size=VOCAB)
         assert_step_matches(results[micro_batch_size], reference)
         assert_same_weights(run.hf_weights(world), reference["weights"])
         destroy_model_parallel()
@@ -232,7 +233,7 @@ def test_sft_minibatch_matches_transformers(layouts, tiny_hf, tmp_path_factory, 
                                temperature=1.0)
     run = layouts(tiny_hf, tp=2)
     model, optimizer, scheduler = build_optimizer(run.module, OPTIMIZER, run.pg, total_steps=1)
-    metrics = sft_minibatch(model, optimizer, scheduler, batch, run.pg, micro_batch_size=4,
+    metrics = sft_minibatch(model, optimizer, scheduler, batch, run.pg, batching=Batching(4),
                             true_vocab_size=VOCAB)
     assert_step_matches(metrics, reference)
     assert metrics.ratio_mean is None and metrics.gate_mean is None
@@ -258,12 +259,12 @@ def test_compute_logprobs_is_the_same_at_pp2(layouts, tiny_hf, world):
     batch = make_batch(seed=5)
     run = layouts(tiny_hf)  # PP=1, DP=2: each rank its half, then gathered
     rows = run.rows(batch)
-    half = compute_logprobs(run.module, batch.select(rows), run.pg, micro_batch_size=1,
+    half = compute_logprobs(run.module, batch.select(rows), run.pg, batching=Batching(1),
                             temperature=TEMPERATURE, true_vocab_size=VOCAB)
     single = all_gather_cat(half, run.pg.dp, dim=0)
     destroy_model_parallel()
     run = layouts(tiny_hf, pp=2)
-    pipelined = compute_logprobs(run.module, batch, run.pg, micro_batch_size=1, temperature=TEMPERATURE,
+    pipelined = compute_logprobs(run.module, batch, run.pg, batching=Batching(1), temperature=TEMPERATURE,
                                  true_vocab_size=VOCAB)
     assert worst_over_ranks((pipelined - single).abs().max(), world) == 0
 
@@ -271,12 +272,13 @@ def test_compute_logprobs_is_the_same_at_pp2(layouts, tiny_hf, world):
 def test_bad_inputs_name_what_is_wrong(layouts, tiny_hf):
     run = layouts(tiny_hf)
     mine = make_batch().select(run.rows(make_batch()))
-    with pytest.raises(ValueError, match="micro_batch_size=3"):
-        compute_logprobs(run.module, mine, run.pg, micro_batch_size=3, temperature=1.0, true_vocab_size=VOCAB)
+    with pytest.raises(ValueError, match="a row of 11 tokens .* exceeds train.max_tokens_per_microbatch = 10"):
+        compute_logprobs(run.module, mine, run.pg, batching=Batching(max_tokens=10), temperature=1.0,
+                         true_vocab_size=VOCAB)
     with pytest.raises(ConfigError, match="total_steps"):
         build_optimizer(run.module, OPTIMIZER, run.pg, total_steps=0)
     model, optimizer, scheduler = build_optimizer(run.module, OPTIMIZER, run.pg, total_steps=1)
-    step = dict(micro_batch_size=2, temperature=1.0, true_vocab_size=VOCAB)
+    step = dict(batching=Batching(2), temperature=1.0, true_vocab_size=VOCAB)
     with pytest.raises(ValueError, match="old_logprobs"):
         train_minibatch(model, optimizer, scheduler, mine, LossConfig(), run.pg, **step)
     mine.old_logprobs = torch.zeros(mine.tokens.shape)

@@ -290,11 +290,13 @@ def test_vision_inputs_check_their_shapes():
     assert VisionInputs.concat([None, None]) is None
 
 
-def test_forward_step_feeds_a_microbatch_its_own_images_and_padded_positions(vl_prompts):
+def test_forward_step_feeds_a_microbatch_its_own_images_and_positions(vl_prompts):
     """The schedule's forward step, with a model that records its call: text batches keep the
     three-argument call; vision batches add [3, b, S] positions (sequence-parallel padding
-    continues each row) and only the microbatch's images."""
+    continues each row) and only the microbatch's images; packed rows get their positions one
+    row after another, their images in row order and a block-diagonal causal mask."""
     from megatron_sapo.training.forward import token_forward_step
+    from megatron_sapo.training.microbatch import build_microbatch
 
     image, text, two = vl_prompts
     samples = [sample(image, [40, 99]), sample(two, [41, 99]), sample(text, [42])]
@@ -306,22 +308,36 @@ def test_forward_step_feeds_a_microbatch_its_own_images_and_padded_positions(vl_
         calls.append((args, kwargs))
         return torch.zeros(args[0].shape[0], args[0].shape[1], 5)
 
-    length = batch.tokens.shape[1]
-    step = token_forward_step(lambda logits, micro: logits, seq_len=length + 3)
-    step(iter([batch.select(slice(1, 3))]), model)
+    step = token_forward_step(lambda logits, micro: logits)
+    micro = build_microbatch(batch, [1, 2], pack=False, multiple=8)
+    step(iter([micro]), model)
     (tokens, positions, mask), kwargs = calls[-1]
-    assert mask is None and tokens.shape == (2, length + 3)
-    assert torch.equal(positions[:, :, :length], batch.position_ids[:, 1:3])
-    last = batch.position_ids[:, 1:3, -1:]
-    assert torch.equal(positions[:, :, length:], last + torch.arange(1, 4))
+    length = max(len(samples[1].tokens), len(samples[2].tokens))
+    padded = -(-length // 8) * 8
+    assert mask is None and tokens.shape == (2, padded) and padded > length
+    assert torch.equal(positions[:, :, :length], batch.position_ids[:, 1:3, :length])
+    last = batch.position_ids[:, 1:3, length - 1:length]
+    assert torch.equal(positions[:, :, length:], last + torch.arange(1, padded - length + 1))
     assert torch.equal(kwargs["pixel_values"], two.vision.pixel_values)
     assert torch.equal(kwargs["image_grid_thw"], two.vision.image_grid_thw)
 
-    step(iter([batch.select(slice(2, 3))]), model)  # a text-only row of a vision batch: no images
+    step(iter([build_microbatch(batch, [2], pack=False, multiple=1)]), model)  # a text-only row: no images
     assert calls[-1][1] == {}
 
+    step(iter([build_microbatch(batch, [0, 1, 2], pack=True, multiple=1)]), model)
+    (tokens, positions, mask), kwargs = calls[-1]
+    lengths = [len(s.tokens) for s in samples]
+    assert tokens.shape == (1, sum(lengths))
+    assert torch.equal(tokens[0], torch.cat([batch.tokens[i, :n] for i, n in enumerate(lengths)]))
+    assert torch.equal(positions[:, 0], torch.cat([batch.position_ids[:, i, :n] for i, n in enumerate(lengths)], 1))
+    assert torch.equal(kwargs["pixel_values"], torch.cat([image.vision.pixel_values, two.vision.pixel_values]))
+    first, second = lengths[0], lengths[0] + lengths[1]
+    assert mask.shape == (1, 1, sum(lengths), sum(lengths))
+    assert not mask[0, 0, first, first] and mask[0, 0, first, first - 1]  # a row sees itself, not the one before
+    assert mask[0, 0, first, first + 1] and not mask[0, 0, second - 1, first]  # causal inside a row
+
     text_batch = build_train_batch([sample(text, [42])], [0.0], PAD_ID)
-    token_forward_step(lambda logits, micro: logits, seq_len=text_batch.tokens.shape[1])(iter([text_batch]), model)
+    step(iter([build_microbatch(text_batch, [0], pack=False, multiple=1)]), model)
     (tokens, positions, mask), kwargs = calls[-1]
     assert kwargs == {} and mask is None
     assert torch.equal(positions, torch.arange(tokens.shape[1]).expand_as(tokens))
