@@ -111,6 +111,16 @@ def spread(a: torch.Tensor, b: torch.Tensor, world) -> float:
     return worst_over_ranks((a - b).abs().max(), world)
 
 
+def per_row(routes: torch.Tensor, batch: TrainBatch) -> list[torch.Tensor]:
+    """Dense ``[B, T, L, K]`` routes as ``TrainBatch.routes``: each row's first length - 1 positions."""
+    return [row[:length - 1].to(torch.uint8) for row, length in zip(routes, batch.row_lengths)]
+
+
+def dense(routes: list[torch.Tensor]) -> torch.Tensor:
+    """``TrainBatch.routes`` of rows of one length as ``[B, T - 1, L, K]``."""
+    return torch.stack(routes).to(torch.int32)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
 def test_r3_replays_the_given_routes(layouts, tiny_hf, world, layout):
     hf = HFRouting(tiny_hf)
@@ -118,11 +128,13 @@ def test_r3_replays_the_given_routes(layouts, tiny_hf, world, layout):
     own = hf.own_routes(batch.tokens)
     moved = own.clone()
     moved[:, ::2] = (moved[:, ::2] + 1) % EXPERTS  # another expert set at every even position
-    moved[0, -1] = -1  # no route (as for padding): replayed as experts 0..K-1, not counted
+    moved[0, 3, 0] = moved[0, 3, 0, 0]  # the same expert twice: replayed as experts 0..K-1, not counted
     counted = torch.ones(own.shape[:3], dtype=torch.bool)
-    counted[0, -1] = False
+    counted[0, 3, 0] = False
+    counted[:, -1] = False  # a row's last token has no route (nothing follows it)
     forced = moved.clone()
-    forced[0, -1] = torch.arange(TOP_K, dtype=torch.int32)
+    forced[0, 3, 0] = torch.arange(TOP_K, dtype=torch.int32)
+    forced[:, -1] = torch.arange(TOP_K, dtype=torch.int32)
     reference, own_when_forced = hf.forced(batch, forced)
 
     run = layouts(tiny_hf, **layout)
@@ -131,7 +143,7 @@ def test_r3_replays_the_given_routes(layouts, tiny_hf, world, layout):
 
     def logprobs(routes=None, replay=None):
         mine = batch.select(rows)
-        mine.routes = None if routes is None else routes[rows]
+        mine.routes = None if routes is None else per_row(routes[rows], mine)
         return compute_logprobs(run.module, mine, run.pg, batching=Batching(2), temperature=TEMPERATURE,
                                 true_vocab_size=VOCAB, routing=replay)
 
@@ -159,14 +171,17 @@ def test_r2_records_then_replays_in_training(layouts, tiny_hf, world, layout):
 
     compute_logprobs(run.module, mine, run.pg, batching=Batching(2), temperature=TEMPERATURE,
                      true_vocab_size=VOCAB, routing=routing)
-    assert routing.recorded.shape == (mine.batch_size, SEQ, 3, TOP_K)
-    assert worst_over_ranks((~same_sets(routing.recorded, own[rows])).sum(), world) == 0
+    assert [tuple(r.shape) for r in routing.recorded] == [(SEQ - 1, 3, TOP_K)] * mine.batch_size
+    assert all(r.dtype == torch.uint8 and r.device.type == "cpu" for r in routing.recorded)
+    assert worst_over_ranks((~same_sets(dense(routing.recorded), own[rows][:, :-1])).sum(), world) == 0
 
     deltas = router_deltas()
     hf.perturb_routers(deltas)
     perturb_megatron_routers(run.module, deltas)
-    reference, own_when_forced = hf.forced(batch, own)  # new routers' weights, recorded experts
-    expected_agreement = same_sets(own_when_forced, own).double().mean().item()
+    forced = own.clone()
+    forced[:, -1] = torch.arange(TOP_K, dtype=torch.int32)  # no route recorded for a row's last token
+    reference, own_when_forced = hf.forced(batch, forced)  # new routers' weights, recorded experts
+    expected_agreement = same_sets(own_when_forced, own)[:, :-1].double().mean().item()
     mine.routes = routing.recorded
 
     replayed = compute_logprobs(run.module, mine, run.pg, batching=Batching(2), temperature=TEMPERATURE,
@@ -191,15 +206,15 @@ def test_routes_of_the_wrong_shape_are_refused(layouts, tiny_hf):
     run = layouts(tiny_hf)
     routing = RoutingReplay(run.module, run.pg)
     mine = make_batch().select(run.rows(make_batch()))
-    mine.routes = torch.zeros(mine.batch_size, SEQ, 4, TOP_K, dtype=torch.int32)  # 4 layers; 3 are MoE
-    shapes = r"TrainBatch.routes has shape \(4, 11, 4, 2\); expected \[4, 11, 3, 2\]"
+    mine.routes = [torch.zeros(SEQ - 1, 4, TOP_K, dtype=torch.uint8)] * mine.batch_size  # 4 layers; 3 are MoE
+    shapes = r"TrainBatch.routes\[0\] has shape \(10, 4, 2\); expected \[10, 3, 2\]"
     with pytest.raises(ValueError, match=shapes):
         compute_logprobs(run.module, mine, run.pg, batching=Batching(2), temperature=1.0, true_vocab_size=VOCAB,
                          routing=routing)
     mine.routes = None
     compute_logprobs(run.module, mine, run.pg, batching=Batching(2), temperature=1.0, true_vocab_size=VOCAB,
                      routing=routing)  # the failed pass left the routers clean: this one records
-    assert routing.recorded.shape == (mine.batch_size, SEQ, 3, TOP_K)
+    assert [tuple(r.shape) for r in routing.recorded] == [(SEQ - 1, 3, TOP_K)] * mine.batch_size
 
 
 def test_replay_survives_activation_recompute(layouts, tiny_hf, world):

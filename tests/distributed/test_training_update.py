@@ -167,12 +167,12 @@ def assert_close(actual: float, expected: float, what: str, rel: bool = False) -
     assert abs(actual - expected) <= TOL * scale, f"{what}: {actual} vs reference {expected}"
 
 
-def assert_step_matches(metrics, reference: dict) -> None:
+def assert_step_matches(metrics, reference: dict, rows=ROWS) -> None:
     assert_close(metrics.loss, reference["loss"], "loss")
     assert_close(metrics.grad_norm, reference["grad_norm"], "grad_norm", rel=True)
     for key, expected in reference["metrics"].items():
         assert_close(getattr(metrics, key), expected, key)
-    assert metrics.tokens == sum(length - prompt for prompt, length in ROWS)
+    assert metrics.tokens == sum(length - prompt for prompt, length in rows)
 
 
 LOSSES = {
