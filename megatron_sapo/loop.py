@@ -123,7 +123,7 @@ def rl_step(run: Run) -> dict[str, float]:
     metrics = {**rollout_metrics, **mean_metrics([m.as_dict() for m in update_metrics]),
                "logprob_mismatch": logprob_mismatch(batch, run.pg),
                "train_token_util": sum(m.real_tokens for m in update_metrics)
-               / sum(m.processed_tokens for m in update_metrics)}
+               / sum(m.processed_tokens for m in update_metrics), **replica_load(batch, run.pg)}
     clipped = [metrics[k] for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual") if k in metrics]
     if clipped:
         metrics["clip_frac"] = sum(clipped)
@@ -232,6 +232,18 @@ def logprob_mismatch(batch: TrainBatch, pg) -> float:
     sums = sums.to(comm_device(pg.dp_cp), torch.float64)
     dist.all_reduce(sums, group=pg.dp_cp)
     return sums[0].item() / max(sums[1].item(), 1.0)
+
+
+def replica_load(batch: TrainBatch, pg) -> dict[str, float]:
+    """The busiest replica's share of the step: rows (the rows its old-log-prob pass ran) and
+    tokens against the replicas' mean."""
+    local = torch.tensor([batch.batch_size, sum(batch.row_lengths)], dtype=torch.float64,
+                         device=comm_device(pg.dp_cp))
+    most, total = local.clone(), local.clone()
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=pg.dp_cp)
+    dist.all_reduce(total, group=pg.dp_cp)
+    return {"replica_rows_max": most[0].item(),
+            "replica_tokens_max_over_mean": most[1].item() * dist.get_world_size(pg.dp_cp) / total[1].item()}
 
 
 def histograms(run: Run, batch: TrainBatch) -> None:

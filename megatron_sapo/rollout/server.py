@@ -125,14 +125,24 @@ def server_command(opts: ServerOptions, python: str = sys.executable) -> list[st
     return cmd + list(opts.extra_args)
 
 
+# A trainer's launcher (torchrun) describes the trainer's own process group in these; a server
+# started by a rank must not read them: under torchrun, SGLang's torch.distributed set-up would
+# wait on torchrun's agent store (TORCHELASTIC_USE_AGENT_STORE) until the start-up timeout.
+LAUNCHER_VARIABLES = frozenset({"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                                "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE",
+                                "MASTER_ADDR", "MASTER_PORT"})
+
+
 def server_env(opts: ServerOptions, base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for ``opts``'s server: ``base`` (default: ours) plus the CPU shims.
+    """The environment for ``opts``'s server: ``base`` (default: ours) without the launcher's
+    rendezvous variables, plus the CPU shims.
 
     SGLang caches each image's vision-encoder output by the image's hash and keeps it across
     weight updates and ``/flush_cache``: after a sync, an image seen before would be served
     with the old tower's features (measured: log-probs off by 0.43 on the tiny VL model). RL
     repeats images across steps, so the cache is turned off."""
-    env = dict(os.environ if base is None else base)
+    env = {key: value for key, value in (os.environ if base is None else base).items()
+           if key not in LAUNCHER_VARIABLES and not key.startswith("TORCHELASTIC_")}
     env["SGLANG_VLM_CACHE_SIZE_MB"] = "0"
     if opts.on_cpu:
         env["SGLANG_USE_CPU_ENGINE"] = "1"
