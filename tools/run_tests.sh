@@ -35,7 +35,8 @@ run_multi_rank() {  # NAME PYTEST-ARGS...
 }
 run_multi_rank text tests/distributed --ignore-glob='tests/distributed/test_qwen3_vl_*'
 text_rc=$?
-run_multi_rank vl tests/distributed/test_qwen3_vl_convert.py tests/distributed/test_qwen3_vl_megatron.py
+run_multi_rank vl tests/distributed/test_qwen3_vl_convert.py tests/distributed/test_qwen3_vl_megatron.py \
+  tests/distributed/test_qwen3_vl_microbatching.py
 vl_rc=$?
 
 python tools/test_summary.py "$reports/single.xml" "$reports/distributed-text.xml" "$reports/distributed-vl.xml"
