@@ -155,14 +155,6 @@ class Microbatch:
     def seq_len(self) -> int:
         return self.tokens.shape[1]
 
-    @property
-    def processed_tokens(self) -> int:
-        return self.tokens.numel()
-
-    @property
-    def real_tokens(self) -> int:
-        return sum(self.rows.row_lengths) if self.row_index else 0
-
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         """Per-token model outputs ``[b|1, S, ...]`` in row form ``[b, T, ...]`` (zeros past each
         row's end when packed)."""
