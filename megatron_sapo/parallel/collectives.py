@@ -1,9 +1,19 @@
-"""Small collectives shared by export, parity and tests."""
+"""Small collectives shared by export, parity, training and tests, and the device each group
+communicates on."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+
+def comm_device(group=None) -> torch.device:
+    """The device of the tensors a collective on ``group`` (None: the default group) takes:
+    NCCL moves only CUDA tensors (the current device's), gloo CPU ones. A group with a backend
+    per device ("cpu:gloo,cuda:nccl") gets CUDA, where the trainer's tensors live."""
+    if "nccl" in dist.get_backend(group):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_gather_list(tensor: torch.Tensor, group) -> list[torch.Tensor]:

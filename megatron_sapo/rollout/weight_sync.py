@@ -48,6 +48,7 @@ import torch.distributed as dist
 from megatron_sapo import torchvision_compat
 from megatron_sapo.convert.export import export_hf, iter_hf_tensors
 from megatron_sapo.convert.mapping import MappingTable
+from megatron_sapo.parallel.collectives import comm_device
 
 SyncPath = Literal["tensor", "distributed", "disk"]
 SYNC_PATHS = ("tensor", "distributed", "disk")
@@ -171,7 +172,7 @@ class WeightSync:
                       self.timeout_s)
                 _post(server.url, "/flush_cache", None, self.timeout_s)
         dist.barrier()
-        totals = torch.tensor([stats.bytes, stats.tensors, stats.buckets], dtype=torch.float64)
+        totals = torch.tensor([stats.bytes, stats.tensors, stats.buckets], dtype=torch.float64, device=comm_device())
         dist.all_reduce(totals)
         return SyncStats(bytes=int(totals[0]), tensors=int(totals[1]), buckets=int(totals[2]),
                          seconds=time.perf_counter() - start)
@@ -266,7 +267,7 @@ class WeightSync:
         threads = [threading.Thread(target=request, args=(s,), daemon=True) for s in self.servers]
         for thread in threads:
             thread.start()
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = comm_device(group)
         for _, tensor in bucket:
             dist.broadcast(tensor.to(device), group_src=0, group=group)
         for thread in threads:

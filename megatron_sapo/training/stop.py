@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_sapo.parallel.collectives import comm_device
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STOP_FILE = "STOP"
 _FILE_CODE = 1  # the all-reduce's code for the stop file; a signal's is its number (larger)
@@ -83,8 +85,7 @@ class StopRequest:
         watching = self.stop_file is not None and dist.get_rank() == 0
         if not code and watching and self.stop_file.exists():
             code = _FILE_CODE
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        agreed = torch.tensor([code], dtype=torch.int64, device=device)
+        agreed = torch.tensor([code], dtype=torch.int64, device=comm_device())
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         code = int(agreed.item())
         if not code:
