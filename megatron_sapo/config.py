@@ -105,9 +105,14 @@ def _check_positive(key: str, value: object) -> None:
         raise ConfigError(f"{key} must be a number > 0, got {value!r}")
 
 
+RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "full")
+RECOMPUTE_METHODS: tuple[str, ...] = ("uniform", "block")
+
+
 @dataclass
 class ParallelConfig:
-    """How the model is split over ranks. Data parallelism takes the ranks that remain."""
+    """How the model is split over ranks, and which activations are recomputed rather than
+    kept. Data parallelism takes the ranks that remain."""
 
     tp: int = 1
     """Tensor-parallel size (attention heads, MLP width and vocabulary are split)."""
@@ -120,6 +125,19 @@ class ParallelConfig:
     sequence_parallel: bool | None = None
     """Split activations along the sequence between TP ranks; None: on whenever tp > 1
     (Megatron's MoE layers require it under TP)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute, trading backward compute for memory: "none" keeps every
+    activation; "selective" recomputes the core attention (Megatron's default selective module:
+    it drops the score matrix of the local spec's unfused attention; TransformerEngine's fused
+    attention keeps none, so there it saves little); "full" keeps only the inputs of chunks of
+    layers and recomputes the layers in backward (see recompute_method)."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """With recompute = "full": "uniform" splits each pipeline stage's layers into chunks of
+    recompute_num_layers layers, each recomputed; "block" recomputes the first recompute_num_layers
+    layers of each stage and keeps the other layers' activations."""
+    recompute_num_layers: int = 1
+    """With recompute = "full": layers per recomputed chunk ("uniform"; must divide the layers
+    of a stage) or layers recomputed per stage ("block"; at most the layers of a stage)."""
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp", "ep"):
@@ -134,6 +152,9 @@ class ParallelConfig:
             self.sequence_parallel = self.tp > 1
         if self.sequence_parallel and self.tp == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+        _check_choice("parallel.recompute", self.recompute, RECOMPUTE_MODES)
+        _check_choice("parallel.recompute_method", self.recompute_method, RECOMPUTE_METHODS)
+        _check_int("parallel.recompute_num_layers", self.recompute_num_layers, 1)
 
     def data_parallel_size(self, world_size: int) -> int:
         """Ranks left for data parallelism; errors name the sizes that do not divide."""
@@ -223,6 +244,7 @@ BUILTIN_MODELS: tuple[str, ...] = ("tiny-qwen3-moe", "tiny-qwen3-vl-moe")
 VISION_BUILTIN_MODELS: tuple[str, ...] = ("tiny-qwen3-vl-moe",)
 """The built-in models that read images."""
 PARAMS_DTYPES: tuple[str, ...] = ("fp32", "bf16")
+TRANSFORMER_IMPLS: tuple[str, ...] = ("auto", "local", "transformer_engine")
 ROLLOUT_MODES: tuple[str, ...] = ("colocated", "disaggregated")
 WEIGHT_SYNC_METHODS: tuple[str, ...] = ("tensor", "distributed", "disk")
 ROUTING_REPLAY_MODES: tuple[str, ...] = ("none", "r2", "r3")
@@ -268,6 +290,11 @@ class ModelConfig:
     the image processor), into the run's output folder."""
     params_dtype: Literal["fp32", "bf16"] = "bf16"
     """Precision of the trained parameters ("fp32" for CPU demos, "bf16" on GPUs)."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Megatron layer spec: "transformer_engine" (fused kernels, grouped expert GEMM; needs a
+    CUDA device and the transformer_engine package, an error where either is missing), "local"
+    (plain torch modules, runs anywhere), or "auto": TransformerEngine where both are present,
+    else local. Megatron checkpoints are written with the spec's keys; load them with the same."""
 
     def __post_init__(self) -> None:
         if (self.hf_dir is None) == (self.builtin is None):
@@ -276,6 +303,7 @@ class ModelConfig:
         if self.builtin is not None:
             _check_choice("model.builtin", self.builtin, BUILTIN_MODELS)
         _check_choice("model.params_dtype", self.params_dtype, PARAMS_DTYPES)
+        _check_choice("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
 
 
 @dataclass

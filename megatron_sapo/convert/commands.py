@@ -2,7 +2,8 @@
 
 Inputs are checked first (architecture, files, output folder, that the model splits the way
 it will run); the conversion itself streams one tensor at a time (see ``streaming.py``), so
-memory does not grow with the model.
+memory does not grow with the model. ``--transformer-impl`` picks the layer spec whose
+checkpoint keys are written or read, as ``model.transformer_impl`` does for training.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from megatron_sapo.config import ConfigError, ParallelConfig
+from megatron_sapo.config import TRANSFORMER_IMPLS, ConfigError, ParallelConfig
 from megatron_sapo.convert import mcore_checkpoint, streaming
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
 from megatron_sapo.convert.hf_layout import FusedExperts, logical_view
 from megatron_sapo.convert.output import check_target
-from megatron_sapo.models import model_family, read_hf_config
+from megatron_sapo.models import model_family, read_hf_config, use_transformer_engine
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,6 +28,17 @@ def add_layout_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (default 1)")
+
+
+def add_transformer_impl_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="auto",
+                        help="Megatron layer spec: TransformerEngine (needs CUDA and transformer_engine), local, "
+                             "or auto: TransformerEngine where available (default auto)")
+
+
+def transformer_engine_of(args: argparse.Namespace) -> bool:
+    """Whether the command builds the TransformerEngine spec (errors name the flag)."""
+    return use_transformer_engine(args.transformer_impl, key="--transformer-impl")
 
 
 def hf_dtype(hf_config: dict) -> torch.dtype:
@@ -52,10 +64,11 @@ def hf_to_mcore(args: argparse.Namespace) -> int:
     check_target(out, args.force)
     # The checkpoint is layout-free; the flags check that the model splits the way it will be run.
     spec = family.from_hf_config(hf_config, ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep))
+    use_te = transformer_engine_of(args)
     dtype = DTYPES[args.dtype] if args.dtype else hf_dtype(hf_config)
     tensors = len(logical_view(checkpoint, FusedExperts.of(spec)).names())
     with _progress(tensors, "reading HF tensors") as bar:
-        streaming.hf_to_mcore(hf_dir, out, hf_config, dtype, force=args.force, progress=bar)
+        streaming.hf_to_mcore(hf_dir, out, hf_config, dtype, force=args.force, progress=bar, use_te=use_te)
     print(f"wrote Megatron checkpoint {out} (torch_dist; loads at any TP/PP/EP)")
     return 0
 
@@ -65,10 +78,11 @@ def mcore_to_hf(args: argparse.Namespace) -> int:
     hf_config = mcore_checkpoint.read_hf_config(ckpt)
     model_family(hf_config, str(ckpt / mcore_checkpoint.HF_CONFIG_FILE))
     check_target(out, args.force)
+    use_te = transformer_engine_of(args)
     dtype = DTYPES[args.dtype] if args.dtype else hf_dtype(hf_config)
     with _progress(None, "writing HF tensors") as bar:
         streaming.mcore_to_hf(ckpt, out, hf_config, dtype, max_shard_bytes=int(args.max_shard_size_gb * 2**30),
-                              force=args.force, progress=bar)
+                              force=args.force, progress=bar, use_te=use_te)
     print(f"wrote Hugging Face checkpoint {out}")
     return 0
 
@@ -82,6 +96,7 @@ def register(sub) -> None:
     to_mcore.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + safetensors)")
     to_mcore.add_argument("--out", required=True, help="output checkpoint folder")
     add_layout_args(to_mcore)  # checked against the model; the checkpoint itself loads at any layout
+    add_transformer_impl_arg(to_mcore)  # the checkpoint's keys are that spec's
     to_mcore.add_argument("--dtype", choices=sorted(DTYPES), help="stored dtype (default: config.json's)")
     to_mcore.add_argument("--force", action="store_true", help="replace --out if it exists")
     to_mcore.set_defaults(func=hf_to_mcore)
@@ -89,6 +104,7 @@ def register(sub) -> None:
     to_hf = directions.add_parser("mcore-to-hf", help="Megatron-Core checkpoint -> HF folder (safetensors + index)")
     to_hf.add_argument("--mcore", required=True, help="checkpoint folder written by hf-to-mcore or training")
     to_hf.add_argument("--out", required=True, help="output Hugging Face folder")
+    add_transformer_impl_arg(to_hf)  # the spec whose keys the checkpoint has
     to_hf.add_argument("--dtype", choices=sorted(DTYPES), help="written dtype (default: config.json's)")
     to_hf.add_argument("--max-shard-size-gb", type=float, default=5.0, help="largest safetensors file (default 5)")
     to_hf.add_argument("--force", action="store_true", help="replace --out if it exists")

@@ -4,7 +4,9 @@ Spawns the ranks of the requested layout, loads the Megatron checkpoint, runs bo
 the same dtype (fp32 by default; on the GPU when there is one) and prints a JSON object whose
 last line holds ``max_abs_logit_diff`` (over the true vocabulary) and the max difference of
 each layer's output hidden states (the last entry is after the final norm, as transformers
-reports it).
+reports it). The Megatron model's layer spec (``--transformer-impl``, resolved as training
+resolves ``model.transformer_impl``) is printed first (``spec: local``) and is the report's
+``transformer_impl``: a parity figure holds for the spec it was measured with.
 
 Inputs: a text model reads seeded random tokens. A vision-language model (a spec with a
 vision tower) reads an image (``--image FILE``, or a built-in seeded synthetic one) and a
@@ -26,9 +28,8 @@ import torch.distributed as dist
 from megatron_sapo import torchvision_compat
 from megatron_sapo.config import ParallelConfig
 from megatron_sapo.convert import mcore_checkpoint
-from megatron_sapo.convert.commands import DTYPES, add_layout_args
+from megatron_sapo.convert.commands import DTYPES, add_layout_args, add_transformer_impl_arg, transformer_engine_of
 from megatron_sapo.models import model_family, read_hf_config
-from megatron_sapo.models.qwen3_moe import te_available
 from megatron_sapo.parallel.collectives import all_gather_cat
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.parallel.spawn import spawn, world_size_for
@@ -75,13 +76,20 @@ def parity(args: argparse.Namespace) -> int:
         if args.seq_len % args.tp:
             raise SystemExit(f"--seq-len {args.seq_len} must be divisible by --tp {args.tp} (sequence parallelism)")
         inputs = ParityInputs(_tokens(spec.vocab_size, args.seq_len, args.seed))
+    use_te = transformer_engine_of(args)
+    print(f"spec: {_spec_name(use_te)}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         result_file = Path(tmp) / "parity.json"
         spawn(_parity_rank, world_size_for(parallel), hf_dir, ckpt, hf_config, parallel, inputs, DTYPES[args.dtype],
-              result_file)
+              use_te, result_file)
         report = json.loads(result_file.read_text())
     print(json.dumps(report))
     return 0
+
+
+def _spec_name(use_te: bool) -> str:
+    """The ``transformer_impl`` value naming the spec built."""
+    return "transformer_engine" if use_te else "local"
 
 
 def _tokens(vocab: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -112,10 +120,9 @@ def _image_inputs(hf_dir: Path, image_file: str | None, seed: int) -> ParityInpu
     return ParityInputs(batch["input_ids"], VisionInputs(batch["pixel_values"], batch["image_grid_thw"]), dict(batch))
 
 
-def _build_rank_model(hf_config: dict, parallel: ParallelConfig, dtype: torch.dtype):
-    """This rank's share of the model: TransformerEngine spec where CUDA and TE are present."""
+def _build_rank_model(hf_config: dict, parallel: ParallelConfig, dtype: torch.dtype, use_te: bool):
+    """This rank's share of the model, with the TransformerEngine layer spec when ``use_te``."""
     pg = initialize_model_parallel(parallel)
-    use_te = te_available()
     family = model_family(hf_config)
     spec = family.from_hf_config(hf_config, parallel, params_dtype=dtype, use_te=use_te)
     model = family.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp), use_te=use_te)
@@ -134,8 +141,8 @@ def _forward(family, model, spec, inputs: ParityInputs, pg) -> torch.Tensor | No
     return forward_logits(model, tokens, pg, position_ids=positions, vision=[vision])
 
 
-def _parity_rank(hf_dir, ckpt, hf_config, parallel, inputs: ParityInputs, dtype, result_file):
-    family, model, spec, pg = _build_rank_model(hf_config, parallel, dtype)
+def _parity_rank(hf_dir, ckpt, hf_config, parallel, inputs: ParityInputs, dtype, use_te: bool, result_file):
+    family, model, spec, pg = _build_rank_model(hf_config, parallel, dtype, use_te)
     mcore_checkpoint.load_model(model, ckpt)
     hidden = _record_layer_outputs(model, pg)
     logits = _forward(family, model, spec, inputs, pg)
@@ -149,7 +156,8 @@ def _parity_rank(hf_dir, ckpt, hf_config, parallel, inputs: ParityInputs, dtype,
         device = next(model.parameters()).device
         report = _compare(hf_dir, inputs, megatron_logits, megatron_hidden, dtype, device)
         report.update(tp=parallel.tp, pp=parallel.pp, ep=parallel.ep, tokens=inputs.tokens.shape[1],
-                      dtype=str(dtype).split(".")[-1], device=device.type)
+                      dtype=str(dtype).split(".")[-1], device=device.type,
+                      transformer_impl=_spec_name(use_te))
         if inputs.vision is not None:
             report.update(images=inputs.vision.num_images, image_grid_thw=inputs.vision.image_grid_thw.tolist())
         Path(result_file).write_text(json.dumps(report))
@@ -208,6 +216,7 @@ def register(sub) -> None:
     p.add_argument("--hf", required=True, help="Hugging Face model folder")
     p.add_argument("--mcore", required=True, help="Megatron checkpoint folder of the same model")
     add_layout_args(p)
+    add_transformer_impl_arg(p)
     p.add_argument("--seq-len", type=int, default=32, help="tokens in the test sequence of a text model (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random test tokens or image (default 0)")
     p.add_argument("--image", help="vision-language models: an image file to use instead of the synthetic one")

@@ -19,6 +19,12 @@ Neither direction ever holds the model:
   read at the shape the checkpoint stores (its metadata says), not at the TP1 layout's: a
   padded vocabulary key saved at TP=2 has more rows, all read, then cut to ``vocab_size``.
 
+Both directions build the model with the layer spec the caller resolved
+(``megatron_sapo.models.use_transformer_engine``): in Megatron-Core 0.16.1 the local and
+TransformerEngine specs store some weights under different keys (a MoE layer's pre-MLP norm)
+and TE adds extra state, so a checkpoint is written, and read back, with the keys of the spec
+that will load it.
+
 Both directions work for every model family (``megatron_sapo.models.model_family``). Where the
 Hub stores a layer's experts fused (Qwen3-VL-MoE), HF tensors are read and written through
 ``hf_layout.py``: a fused tensor is read once per layer, and written once all of the layer's
@@ -122,28 +128,33 @@ class MetaLayout:
     """Megatron's sharded objects (non-tensor state), written as they are."""
 
 
-def meta_layout(hf_config: dict, dtype: torch.dtype, source: str = "config.json") -> MetaLayout:
-    """The model of ``hf_config`` (read from ``source``) at TP1/PP1/EP1 on the meta device."""
+def meta_layout(hf_config: dict, dtype: torch.dtype, source: str = "config.json", *,
+                use_te: bool = False) -> MetaLayout:
+    """The model of ``hf_config`` (read from ``source``) at TP1/PP1/EP1 on the meta device, with
+    the TransformerEngine layer spec when ``use_te``."""
     from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 
     parallel = ParallelConfig()
     pg = initialize_model_parallel(parallel)
     try:
-        return _describe_model(hf_config, source, parallel, pg, dtype)
+        return _describe_model(hf_config, source, parallel, pg, dtype, use_te)
     finally:
         destroy_model_parallel()
 
 
-def _describe_model(hf_config: dict, source: str, parallel: ParallelConfig, pg, dtype: torch.dtype) -> MetaLayout:
+def _describe_model(hf_config: dict, source: str, parallel: ParallelConfig, pg, dtype: torch.dtype,
+                    use_te: bool) -> MetaLayout:
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
     family = model_family(hf_config, source)
-    spec = family.from_hf_config(hf_config, parallel, params_dtype=dtype)
+    spec = family.from_hf_config(hf_config, parallel, params_dtype=dtype, use_te=use_te)
     for config in _transformer_configs(spec):
         config.perform_initialization = False
-        config.use_cpu_initialization = True  # the GPU path names device=cuda, escaping the meta context
+        # The GPU path names device=cuda, escaping the meta context. TE modules name "cpu" here
+        # instead, so with TE their weights are allocated on the CPU (uninitialised), not on meta.
+        config.use_cpu_initialization = True
     with torch.device("meta"):
-        model = family.build_model(spec, pg)
+        model = family.build_model(spec, pg, use_te=use_te)
     chunks, objects = [], []
     for param_name, entry in model.sharded_state_dict().items():
         for item in _flatten(entry):
@@ -250,12 +261,13 @@ class _FilePerGroupWriter(dcp.FileSystemWriter):
 
 
 def hf_to_mcore(hf_dir: Path, out: Path, hf_config: dict, dtype: torch.dtype, *, force: bool = False,
-                progress=None) -> Path:
-    """Write a torch_dist checkpoint of the HF model, one chunk in memory at a time."""
+                progress=None, use_te: bool = False) -> Path:
+    """Write a torch_dist checkpoint of the HF model, one chunk in memory at a time, with the
+    keys of the TransformerEngine layer spec when ``use_te``, else the local spec's."""
     check_target(out, force)
     release_large_buffers_to_os()
     with single_rank_group():
-        layout = meta_layout(hf_config, dtype, str(hf_dir / "config.json"))
+        layout = meta_layout(hf_config, dtype, str(hf_dir / "config.json"), use_te=use_te)
         table, chunks, objects = layout.table, layout.chunks, layout.objects
         # Fused experts are read once per layer (the view keeps that layer's fused tensors).
         checkpoint = logical_view(HFCheckpoint(hf_dir), table.fused_experts)
@@ -308,12 +320,13 @@ def _checked(resolve_param, chunks):
 
 
 def mcore_to_hf(ckpt: Path, out: Path, hf_config: dict, dtype: torch.dtype, *, max_shard_bytes: int,
-                force: bool = False, progress=None) -> Path:
-    """Write the HF layout of a torch_dist checkpoint, one checkpoint key in memory at a time."""
+                force: bool = False, progress=None, use_te: bool = False) -> Path:
+    """Write the HF layout of a torch_dist checkpoint, one checkpoint key in memory at a time;
+    ``use_te``: the checkpoint has the TransformerEngine layer spec's keys."""
     check_target(out, force)
     release_large_buffers_to_os()
     with single_rank_group():
-        layout = meta_layout(hf_config, dtype, str(ckpt / HF_CONFIG_FILE))
+        layout = meta_layout(hf_config, dtype, str(ckpt / HF_CONFIG_FILE), use_te=use_te)
     spec, table, chunks = layout.spec, layout.table, layout.chunks
     by_param: dict[str, list[Chunk]] = {}
     first_seen: dict[str, int] = {}

@@ -7,6 +7,10 @@ Every consumer of a model (converters, parity check, training set-up, weight syn
 chosen by ``model_type`` (then by ``architectures``), never by a substring of a model's name.
 A family's module is imported only when a config asks for it, so importing the converters
 does not import the vision model.
+
+Which Megatron layer spec a model is built with (TransformerEngine or local) is decided once,
+by :func:`use_transformer_engine`, for every builder alike: training, conversion and the parity
+check must agree, because a checkpoint's keys follow the spec that wrote it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from megatron_sapo.config import ConfigError
+from megatron_sapo.config import TRANSFORMER_IMPLS, ConfigError
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,38 @@ def model_family(hf_config: dict, source: str = "config.json") -> ModuleType:
     return module
 
 
+def use_transformer_engine(impl: str, key: str = "model.transformer_impl") -> bool:
+    """Whether to build with Megatron's TransformerEngine layer spec for ``impl`` (the value of
+    ``key``): "local" never; "transformer_engine" always, an error naming what is missing where
+    it cannot; "auto" where it can (so CPU machines build the local spec)."""
+    if impl not in TRANSFORMER_IMPLS:
+        raise ConfigError(f"{key} must be one of {', '.join(TRANSFORMER_IMPLS)}; got {impl!r}")
+    if impl == "local":
+        return False
+    missing = _transformer_engine_missing()
+    if impl == "transformer_engine" and missing:
+        raise ConfigError(f"{key} = \"transformer_engine\", but {' and '.join(missing)}")
+    return not missing
+
+
+def _transformer_engine_missing() -> list[str]:
+    """What the TransformerEngine spec lacks on this machine. The package is imported only where
+    CUDA is present: on a CPU machine knowing that it is installed is enough."""
+    import importlib.util
+
+    import torch
+
+    missing = [] if torch.cuda.is_available() else ["no CUDA device is available"]
+    if importlib.util.find_spec("transformer_engine") is None:
+        missing.append("the transformer_engine package is not installed")
+    elif not missing:
+        try:
+            importlib.import_module("transformer_engine.pytorch")
+        except (ImportError, OSError) as err:  # a build that does not match this torch or CUDA
+            missing.append(f"the transformer_engine package does not import ({err})")
+    return missing
+
+
 def weight_table(family: ModuleType, spec):
     """``family``'s weight table of ``spec``, carrying how the Hub stores its experts
     (``spec.fused_experts``: fused per layer), which every reader and writer of HF files follows."""
@@ -64,4 +100,4 @@ def weight_table(family: ModuleType, spec):
     return family.weight_table(spec).stored_as(FusedExperts.of(spec))
 
 
-__all__ = ["FAMILIES", "Family", "model_family", "read_hf_config", "weight_table"]
+__all__ = ["FAMILIES", "Family", "model_family", "read_hf_config", "use_transformer_engine", "weight_table"]

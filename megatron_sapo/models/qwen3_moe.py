@@ -46,13 +46,6 @@ class Qwen3MoeSpec:
     the table always names experts one by one (see ``convert/hf_layout.py``)."""
 
 
-def te_available() -> bool:
-    """Whether the TransformerEngine layer spec (grouped GEMM) can be used: CUDA and TE present."""
-    import importlib.util
-
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
-
-
 def read_hf_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "config.json"
     try:
@@ -129,6 +122,7 @@ def text_model_spec(
         raise ConfigError(f"num_experts={experts} is not divisible by parallel.ep={parallel.ep}")
     if hf["num_hidden_layers"] % parallel.pp:
         raise ConfigError(f"num_hidden_layers={hf['num_hidden_layers']} is not divisible by parallel.pp={parallel.pp}")
+    recompute = recompute_fields(parallel, hf["num_hidden_layers"] // parallel.pp)
     if router.expert_bias:
         raise ConfigError("router.expert_bias needs a sigmoid-scored router; Qwen3-MoE routes with softmax")
 
@@ -153,6 +147,9 @@ def text_model_spec(
         expert_model_parallel_size=parallel.ep,
         expert_tensor_parallel_size=parallel.etp,
         sequence_parallel=parallel.sequence_parallel,
+        # Microbatches have their own lengths (training/microbatch.py); pipeline stages then
+        # exchange each activation's shape first.
+        variable_seq_lengths=parallel.pp > 1,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -164,6 +161,7 @@ def text_model_spec(
         masked_softmax_fusion=use_te,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **recompute,
     )
     if any(moe_layers):
         fields.update(
@@ -195,6 +193,23 @@ def text_model_spec(
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         moe_layers=moe_layers,
     )
+
+
+def recompute_fields(parallel: ParallelConfig, layers_per_stage: int) -> dict:
+    """The ``TransformerConfig`` fields of ``parallel.recompute`` for stages of
+    ``layers_per_stage`` layers (Megatron wants no method or layer count for "selective")."""
+    if parallel.recompute == "none":
+        return {}
+    if parallel.recompute == "selective":
+        return dict(recompute_granularity="selective")
+    count = parallel.recompute_num_layers
+    if parallel.recompute_method == "uniform" and layers_per_stage % count:
+        raise ConfigError(f"parallel.recompute_num_layers={count} does not divide the {layers_per_stage} layers of "
+                          f"a pipeline stage (recompute_method \"uniform\" recomputes chunks of that many layers)")
+    if count > layers_per_stage:
+        raise ConfigError(f"parallel.recompute_num_layers={count} exceeds the {layers_per_stage} layers of a "
+                          "pipeline stage")
+    return dict(recompute_granularity="full", recompute_method=parallel.recompute_method, recompute_num_layers=count)
 
 
 def build_model(spec: Qwen3MoeSpec, pg_collection, *, use_te: bool = False, pp_rank: int = 0,
@@ -291,5 +306,5 @@ def _require(hf: dict, key: str):
     return hf[key]
 
 
-__all__ = ["Qwen3MoeSpec", "build_model", "from_hf_config", "moe_layer_pattern", "read_hf_config", "text_entries",
-           "text_model_spec", "weight_table"]
+__all__ = ["Qwen3MoeSpec", "build_model", "from_hf_config", "moe_layer_pattern", "read_hf_config",
+           "recompute_fields", "text_entries", "text_model_spec", "weight_table"]

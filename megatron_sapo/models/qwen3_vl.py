@@ -12,10 +12,12 @@ The model is a vision tower feeding a Qwen3-MoE text model:
   the blocks listed in ``deepstack_visual_indexes``.
 * **Text model**: a ``GPTModel`` (Qwen3-MoE layers, see ``qwen3_moe``) whose input embeddings
   take the merged image tokens at the ``<|image_pad|>`` positions, whose layer ``i < 3`` output
-  gets deepstack feature ``i`` added at those positions, and whose RoPE is *interleaved
-  multimodal*: each rotary frequency ``j`` reads the temporal, row or column position of the
-  token (``j % 3 == 1`` and ``j < 3*s_h``: row; ``j % 3 == 2`` and ``j < 3*s_w``: column; else
-  temporal), where text tokens have all three equal (``mrope_position_ids``).
+  gets deepstack feature ``i`` added at those positions (the features travel through the
+  decoder as its layers' ``context`` input, so layers recomputed in backward get them too), and
+  whose RoPE is *interleaved multimodal*: each rotary frequency ``j`` reads the temporal, row or
+  column position of the token (``j % 3 == 1`` and ``j < 3*s_h``: row; ``j % 3 == 2`` and
+  ``j < 3*s_w``: column; else temporal), where text tokens have all three equal
+  (``mrope_position_ids``).
 
 Under sequence parallelism the text model holds ``S/tp`` positions per rank; image features
 are laid out over the whole sequence and cut the same way before they are merged in.
@@ -35,7 +37,7 @@ from megatron_sapo.convert.mapping import MappingTable, WeightMap
 from megatron_sapo.convert.sharding import Split
 from megatron_sapo.convert.transforms import FlattenPatchConv, SplitFusedQKV
 from megatron_sapo.models import qwen3_moe
-from megatron_sapo.models.qwen3_moe import Qwen3MoeSpec, read_hf_config, te_available
+from megatron_sapo.models.qwen3_moe import Qwen3MoeSpec, read_hf_config
 
 ARCHITECTURES = ("Qwen3VLMoeForConditionalGeneration",)
 MODEL_TYPE = "qwen3_vl_moe"
@@ -186,6 +188,9 @@ def _vision_spec(hf: dict, parallel: ParallelConfig, params_dtype: torch.dtype, 
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        # The tower calls its blocks one by one (deepstack features are taken between them), so
+        # under either recompute it recomputes their attention, its largest activation.
+        recompute_granularity=None if parallel.recompute == "none" else "selective",
     )
     rope = hf.get("rope_parameters") or {}
     return VisionSpec(
@@ -466,7 +471,6 @@ def _vl_model_class():
                 rope = _interleaved_mrope_class()(kv_channels=spec.config.kv_channels, rotary_percent=1.0,
                                                   rotary_base=int(spec.text.rotary_base), cp_group=old.cp_group)
                 self.language_model.rotary_pos_emb = rope.to(old.inv_freq.device)
-            self._deepstack: list[torch.Tensor] | None = None
             if self.pre_process:
                 for index in range(len(spec.vision.deepstack_visual_indexes)):
                     self.language_model.decoder.layers[index].register_forward_hook(self._add_deepstack(index))
@@ -482,29 +486,31 @@ def _vl_model_class():
                     **kwargs):
             if position_ids.ndim == 2:  # text only: the three axes are the same
                 position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
-            decoder_input = None
+            decoder_input, deepstack = None, None
             if self.pre_process:
                 decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=None)
                 if pixel_values is not None:
-                    decoder_input = self._merge_images(decoder_input, input_ids, pixel_values, image_grid_thw)
-            try:
-                return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
-                                           **kwargs)
-            finally:
-                self._deepstack = None
+                    decoder_input, deepstack = self._merge_images(decoder_input, input_ids, pixel_values,
+                                                                  image_grid_thw)
+            # The deepstack features travel as the decoder's cross-attention ``context``, which its
+            # layers (without cross attention) pass on unchanged: see ``_add_deepstack``.
+            blocks = {"context": torch.stack(deepstack)} if deepstack else None
+            return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                                       extra_block_kwargs=blocks, **kwargs)
 
         def _merge_images(self, embeddings, input_ids, pixel_values, image_grid_thw):
-            """Put the image tokens in at the placeholders; keep the deepstack features for the hooks."""
+            """The embeddings with the image tokens put in at the placeholders, and the deepstack
+            features laid out like them (``[S(/tp), B, H]`` each, zeros off the images)."""
             image_tokens, deepstack = self.vision(pixel_values, image_grid_thw)
             is_image = input_ids == self.spec.image_token_id  # [B, S]
             if int(is_image.sum()) != image_tokens.shape[0]:
                 raise ValueError(f"input_ids hold {int(is_image.sum())} image placeholders but the images give "
                                  f"{image_tokens.shape[0]} tokens")
             mask = self._to_sequence_parallel(is_image.transpose(0, 1).unsqueeze(-1))  # [S(/tp), B, 1]
-            self._deepstack = [self._to_sequence_parallel(self._scatter(is_image, f.to(embeddings.dtype)))
-                               for f in deepstack]
+            features = [self._to_sequence_parallel(self._scatter(is_image, f.to(embeddings.dtype)))
+                        for f in deepstack]
             images = self._to_sequence_parallel(self._scatter(is_image, image_tokens.to(embeddings.dtype)))
-            return torch.where(mask, images, embeddings)
+            return torch.where(mask, images, embeddings), features
 
         @staticmethod
         def _scatter(is_image, tokens):
@@ -522,15 +528,16 @@ def _vl_model_class():
             return tensor_parallel.scatter_to_sequence_parallel_region(tensor, group=self.tp_group)
 
         def _add_deepstack(self, index: int):
-            """Adds deepstack feature ``index`` to text layer ``index``'s output during
-            ``forward`` (the features are dropped when it returns; activation recomputation of
-            these layers, which the trainer does not enable, would need them kept)."""
+            """Adds deepstack feature ``index`` to text layer ``index``'s output. The features are
+            the layer's ``context`` (``[features, S(/tp), B, H]``; None without images), an input
+            of the layer, so a layer recomputed in backward (full recompute) finds them among its
+            checkpointed inputs and their gradient still reaches the tower."""
 
             def hook(module, inputs, output):
-                if self._deepstack is None:
-                    return output
                 hidden, context = output
-                return hidden + self._deepstack[index], context
+                if context is None:
+                    return output
+                return hidden + context[index], context
 
             return hook
 
@@ -596,4 +603,4 @@ def _require(hf: dict, key: str, section: str | None = None):
 
 
 __all__ = ["ARCHITECTURES", "Qwen3VLSpec", "VisionSpec", "build_model", "check_architecture", "from_hf_config",
-           "mrope_position_ids", "read_hf_config", "te_available", "weight_table"]
+           "mrope_position_ids", "read_hf_config", "weight_table"]

@@ -20,7 +20,7 @@ from megatron_sapo.config import RunConfig
 from megatron_sapo.convert import mcore_checkpoint
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
 from megatron_sapo.convert.load import load_hf_into_model
-from megatron_sapo.models import model_family, read_hf_config, weight_table
+from megatron_sapo.models import model_family, read_hf_config, use_transformer_engine, weight_table
 from megatron_sapo.training.checkpoint import weights_dir
 from megatron_sapo.training.optimizer import Trainable, build_optimizer
 
@@ -86,9 +86,10 @@ def build_policy(cfg: RunConfig, hf_dir: Path, pg, total_steps: int, load_dir: s
     """The model of ``hf_dir`` with its weights, or with the Megatron weights of ``load_dir``."""
     hf_config = read_hf_config(hf_dir)
     family = model_family(hf_config, str(Path(hf_dir) / "config.json"))
+    use_te = use_transformer_engine(cfg.model.transformer_impl)
     spec = family.from_hf_config(hf_config, cfg.parallel, router=cfg.router,
-                                 params_dtype=PARAMS_DTYPES[cfg.model.params_dtype])
-    module = family.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp))
+                                 params_dtype=PARAMS_DTYPES[cfg.model.params_dtype], use_te=use_te)
+    module = family.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp), use_te=use_te)
     table = weight_table(family, spec)
     if load_dir is None:
         load_hf_into_model(module, HFCheckpoint(hf_dir), table, pg)

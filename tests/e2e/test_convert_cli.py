@@ -17,12 +17,15 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
+from megatron_sapo.models import use_transformer_engine
 from megatron_sapo.models.tiny import save_tiny_qwen3_moe
 
 pytestmark = pytest.mark.slow
 
 # The console script of the interpreter running the tests, whether or not its folder is on PATH.
 CLI = shutil.which("megatron-sapo") or str(Path(sys.executable).with_name("megatron-sapo"))
+# The spec "auto" builds on this machine: local without CUDA and TransformerEngine.
+AUTO_SPEC = "transformer_engine" if use_transformer_engine("auto") else "local"
 
 
 def run(*args, ok=True):
@@ -49,7 +52,9 @@ def test_convert_both_ways_and_parity(hf_dir, tmp_path):
     assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads((hf_dir / "config.json").read_text())
 
     out = run("parity", "--hf", str(hf_dir), "--mcore", str(tmp_path / "mcore"), "--tp", "2", "--ep", "2").stdout
-    report = json.loads(out.strip().splitlines()[-1])
+    lines = out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert f"spec: {AUTO_SPEC}" in lines and report["transformer_impl"] == AUTO_SPEC
     assert report["max_abs_logit_diff"] <= 1e-4
     assert len(report["hidden_state_max_abs_diff"]) == 4 and max(report["hidden_state_max_abs_diff"]) <= 1e-4
 
@@ -77,6 +82,12 @@ def test_errors_name_the_problem(hf_dir, tmp_path):
 
     proc = run("convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "o3"), "--ep", "3", ok=False)
     assert proc.returncode == 2 and "not divisible by parallel.ep=3" in proc.stderr
+
+    if AUTO_SPEC == "local":  # TransformerEngine cannot be built here: forcing it names what is missing
+        proc = run("convert", "hf-to-mcore", "--hf", str(hf_dir), "--out", str(tmp_path / "o4"),
+                   "--transformer-impl", "transformer_engine", ok=False)
+        assert proc.returncode == 2 and '--transformer-impl = "transformer_engine", but' in proc.stderr
+        assert not (tmp_path / "o4").exists()
 
 
 @pytest.fixture(scope="module")

@@ -102,3 +102,39 @@ def test_weight_table_covers_both_layer_specs():
     assert fused_norm.entry.hf_names(0, None) == ("model.layers.0.input_layernorm.weight",)
     with pytest.raises(KeyError, match="no mapping"):
         table.match("decoder.layers.0.mystery.weight")
+
+
+@pytest.mark.parametrize("parallel, fields", [
+    (ParallelConfig(), dict(recompute_granularity=None, recompute_method=None, recompute_num_layers=None)),
+    (ParallelConfig(recompute="selective"),
+     dict(recompute_granularity="selective", recompute_method=None, recompute_num_layers=None)),
+    (ParallelConfig(recompute="full"),
+     dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)),
+    (ParallelConfig(recompute="full", recompute_method="block", recompute_num_layers=3, pp=2),
+     dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=3)),
+], ids=["none", "selective", "full-uniform", "full-block"])
+def test_recompute_reaches_the_transformer_config(parallel, fields):
+    config = qwen3_moe.from_hf_config({**TINY_QWEN3_MOE, "num_hidden_layers": 6}, parallel).config
+    assert {key: getattr(config, key) for key in fields} == fields
+    assert config.recompute_modules == ["core_attn"]  # Megatron's selective default
+
+
+@pytest.mark.parametrize("parallel, message", [
+    (dict(recompute="full", recompute_num_layers=4), "recompute_num_layers=4 does not divide the 6 layers"),
+    (dict(recompute="full", recompute_method="block", recompute_num_layers=4, pp=2),
+     "recompute_num_layers=4 exceeds the 3 layers of a pipeline stage"),
+])
+def test_recompute_layer_counts_must_fit_a_stage(parallel, message):
+    with pytest.raises(ConfigError, match=message):
+        qwen3_moe.from_hf_config({**TINY_QWEN3_MOE, "num_hidden_layers": 6}, ParallelConfig(**parallel))
+
+
+@pytest.mark.parametrize("changes, key", [
+    (dict(recompute="partial"), "parallel.recompute must be one of none, selective, full"),
+    (dict(recompute_method="even"), "parallel.recompute_method must be one of uniform, block"),
+    (dict(recompute_num_layers=0), "parallel.recompute_num_layers must be an integer >= 1"),
+    (dict(recompute_num_layers=True), "parallel.recompute_num_layers must be an integer >= 1"),
+])
+def test_recompute_settings_are_validated_by_key(changes, key):
+    with pytest.raises(ConfigError, match=key):
+        ParallelConfig(**changes)

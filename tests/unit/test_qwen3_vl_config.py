@@ -68,6 +68,15 @@ def test_deepstack_layers_must_sit_on_the_first_stage():
         qwen3_vl.from_hf_config(TINY_QWEN3_VL_MOE, ParallelConfig(pp=3))
 
 
+@pytest.mark.parametrize("recompute, text, vision", [
+    ("none", None, None), ("selective", "selective", "selective"), ("full", "full", "selective"),
+])
+def test_recompute_reaches_the_text_model_and_the_tower(recompute, text, vision):
+    """The tower calls its blocks itself, so it recomputes their attention under either mode."""
+    spec = qwen3_vl.from_hf_config(TINY_QWEN3_VL_MOE, ParallelConfig(recompute=recompute))
+    assert (spec.config.recompute_granularity, spec.vision.config.recompute_granularity) == (text, vision)
+
+
 @pytest.fixture(scope="module")
 def hf_vl_model():
     torchvision_compat.ensure_importable()

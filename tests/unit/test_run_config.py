@@ -13,6 +13,7 @@ from megatron_sapo.config import (
     EvalConfig,
     LossConfig,
     ModelConfig,
+    ParallelConfig,
     RolloutConfig,
     RouterConfig,
     RunConfig,
@@ -117,6 +118,7 @@ def test_unknown_keys_and_sections_name_the_file_and_suggest(tmp_path):
         ("rollout", "servers = [1]", "rollout.servers[0] must be a string, got 1"),
         ("logging", "tensorboard = 1", "logging.tensorboard must be true or false, got 1"),
         ("loss", "name = 3", "loss.name must be one of 'sapo', 'grpo', 'gspo', got 3"),
+        ("parallel", 'recompute_num_layers = "2"', "parallel.recompute_num_layers must be an integer, got '2'"),
     ],
 )
 def test_wrong_types_name_the_file_and_key(tmp_path, section, line, message):
@@ -124,6 +126,15 @@ def test_wrong_types_name_the_file_and_key(tmp_path, section, line, message):
     with pytest.raises(ConfigError) as excinfo:
         load_config(path)
     assert error_text(excinfo) == f"{path}: {message}"
+
+
+def test_layer_spec_and_recompute_load_from_the_file_and_overrides(tmp_path):
+    text = MINIMAL + '\n[parallel]\nrecompute = "full"\nrecompute_method = "block"\nrecompute_num_layers = 2\n'
+    cfg = load_config(write(tmp_path, text), ["model.transformer_impl=local"])
+    assert cfg.model.transformer_impl == "local" and ModelConfig(hf_dir="a").transformer_impl == "auto"
+    assert (cfg.parallel.recompute, cfg.parallel.recompute_method, cfg.parallel.recompute_num_layers) == \
+        ("full", "block", 2)
+    assert load_config(write(tmp_path, dump_config(cfg), "again.toml")).parallel == cfg.parallel
 
 
 def test_out_of_range_values_name_the_file_and_key(tmp_path):
@@ -193,6 +204,9 @@ def test_dump_round_trips_awkward_values(tmp_path):
         (lambda: ModelConfig(hf_dir="a", builtin="tiny-qwen3-moe"), "model needs exactly one"),
         (lambda: ModelConfig(builtin="gpt"), "model.builtin must be one of tiny-qwen3-moe, tiny-qwen3-vl-moe; got 'gpt'"),
         (lambda: ModelConfig(hf_dir="a", params_dtype="fp16"), "model.params_dtype must be one of fp32, bf16"),
+        (lambda: ModelConfig(hf_dir="a", transformer_impl="te"),
+         "model.transformer_impl must be one of auto, local, transformer_engine; got 'te'"),
+        (lambda: ParallelConfig(recompute="all"), "parallel.recompute must be one of none, selective, full"),
         (lambda: RolloutConfig(mode="disaggregated"), 'rollout.servers must list at least one "host:port"'),
         (lambda: RolloutConfig(servers=["a:1"]), 'rollout.servers is only used when rollout.mode is "disaggregated"'),
         (lambda: RolloutConfig(mode="disaggregated", servers=["a:1", "b"]), r"rollout.servers\[1\] must be"),
