@@ -393,8 +393,16 @@ class TrainConfig:
     minibatches: int = 4
     """Optimizer updates per rollout batch (paper: 4); only the first one is on-policy."""
     micro_batch_size: int = 4
-    """Sequences per forward/backward pass on one data-parallel rank (gradient accumulation
-    fills the rest of a minibatch)."""
+    """Sequences per forward/backward pass on one data-parallel rank when
+    ``max_tokens_per_microbatch`` is 0 (gradient accumulation fills the rest of a minibatch)."""
+    max_tokens_per_microbatch: int = 0
+    """Token budget of one forward/backward pass (0: fixed ``micro_batch_size`` rows). Rows are
+    grouped, longest first, into microbatches whose padded size (rows x their longest row, or
+    the packed length) stays within it, and spread over data-parallel ranks by length. Must be
+    at least ``max_seq_len``, since a row is never split."""
+    pack_sequences: bool = False
+    """Concatenate a microbatch's rows into one sequence (no padding between rows; THD with
+    TransformerEngine, a block-diagonal causal mask otherwise)."""
     routing_replay: Literal["none", "r2", "r3"] = "none"
     """MoE routing replay: "r2" replays the routes of the old-log-prob forward in the updates;
     "r3" replays the routes the rollout engine returned (colocated servers are started with
@@ -414,8 +422,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for key, minimum in (("steps", 1), ("seed", 0), ("minibatches", 1), ("micro_batch_size", 1),
-                             ("max_seq_len", 2), ("sft_steps", 0), ("sft_batch_size", 1)):
+                             ("max_seq_len", 2), ("sft_steps", 0), ("sft_batch_size", 1),
+                             ("max_tokens_per_microbatch", 0)):
             _check_int(f"train.{key}", getattr(self, key), minimum)
+        _check_bool("train.pack_sequences", self.pack_sequences)
+        if self.max_tokens_per_microbatch and self.max_tokens_per_microbatch < self.max_seq_len:
+            raise ConfigError(
+                f"train.max_tokens_per_microbatch = {self.max_tokens_per_microbatch} is smaller than the longest "
+                f"row, train.max_seq_len = {self.max_seq_len} (a row is never split across microbatches)")
         _check_choice("train.routing_replay", self.routing_replay, ROUTING_REPLAY_MODES)
         _check_text("train.out_dir", self.out_dir, optional=True)
         if self.sft_lr is not None:
@@ -586,6 +600,11 @@ class RunConfig:
             raise ConfigError(
                 f"train.max_seq_len = {self.train.max_seq_len} is shorter than data.max_prompt_tokens + "
                 f"the longest response (rollout/eval max_new_tokens) = {longest}")
+        budget, multiple = self.train.max_tokens_per_microbatch, self.parallel.tp if self.parallel.sequence_parallel else 1
+        if budget and -(-self.train.max_seq_len // multiple) * multiple > budget:
+            raise ConfigError(
+                f"train.max_tokens_per_microbatch = {budget} is smaller than train.max_seq_len = "
+                f"{self.train.max_seq_len} rounded up to the sequence-parallel multiple {multiple}")
         if self.eval.every and not self.data.has_validation:
             raise ConfigError("eval.every > 0 needs validation prompts: set data.val_path or use a data.task")
         if self.train.sft_steps and self.data.task is None:
