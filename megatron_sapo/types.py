@@ -169,7 +169,8 @@ class TrainBatch:
     """Per row, the images of the row's prompt (None for a text-only row); samples of one prompt
     share one object. None for text models."""
     lengths: torch.Tensor | None = None
-    """int64 ``[B]`` real tokens of each row (prompt + response); None: every row is ``T`` long."""
+    """int64 ``[B]`` real tokens of each row (prompt + response), on the CPU (microbatch planning
+    reads it without waiting for the device); None: every row is ``T`` long."""
 
     @property
     def batch_size(self) -> int:
@@ -183,8 +184,8 @@ class TrainBatch:
         return self.lengths.tolist()
 
     def to(self, device: torch.device | str) -> "TrainBatch":
-        """The batch with its tensors on ``device`` (routes and images stay where they are: a
-        microbatch moves its own when it runs)."""
+        """The batch with its tensors on ``device`` (row lengths, routes and images stay on the
+        CPU: a microbatch moves its own when it runs)."""
 
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
@@ -192,7 +193,7 @@ class TrainBatch:
         return dataclasses.replace(
             self, tokens=move(self.tokens), targets=move(self.targets), loss_mask=move(self.loss_mask),
             advantages=move(self.advantages), rollout_logprobs=move(self.rollout_logprobs),
-            old_logprobs=move(self.old_logprobs), position_ids=move(self.position_ids), lengths=move(self.lengths))
+            old_logprobs=move(self.old_logprobs), position_ids=move(self.position_ids))
 
     @property
     def vision_inputs(self) -> VisionInputs | None:
@@ -210,7 +211,8 @@ class TrainBatch:
             advantages=self.advantages[rows], rollout_logprobs=self.rollout_logprobs[rows],
             old_logprobs=pick(self.old_logprobs), routes=None if self.routes is None else _pick_rows(self.routes, rows),
             position_ids=None if self.position_ids is None else self.position_ids[:, rows],
-            vision=None if self.vision is None else _pick_rows(self.vision, rows), lengths=pick(self.lengths))
+            vision=None if self.vision is None else _pick_rows(self.vision, rows),
+            lengths=None if self.lengths is None else self.lengths[rows.cpu() if torch.is_tensor(rows) else rows])
 
     def trimmed(self, length: int) -> "TrainBatch":
         """The first ``length`` positions of every ``[B, T]`` tensor (rows no longer than that)."""

@@ -6,6 +6,8 @@ optimizer step). It runs three ways over the same batch, on a Qwen3-30B-A3B-shap
 widths: hidden 2048, 32 query / 4 KV heads of 128, experts of width 768, top-8) with random
 weights, built straight from a ``TransformerConfig`` (no Hugging Face files):
 
+* ``padded-step``: the trainer before token budgets: k consecutive rows per microbatch, every
+  row padded to the batch's longest (the baseline the time ratios are taken against).
 * ``padded``: ``Batching(micro_batch_size=k)``, k consecutive rows per microbatch, each
   microbatch padded to its own longest row (fixed rows, as ``train.micro_batch_size``).
 * ``budget``: ``Batching(max_tokens=B)``, rows grouped longest first under a token budget.
@@ -48,6 +50,7 @@ one JSON object keyed by method, plus ``settings``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import socket
@@ -67,7 +70,7 @@ from megatron_sapo.training.optimizer import build_optimizer
 from megatron_sapo.training.update import train_minibatch
 from megatron_sapo.types import TrainBatch
 
-METHODS = ("padded", "budget", "packing")
+METHODS = ("padded-step", "padded", "budget", "packing")
 TRUNCATED = 0.02
 """Share of the lognormal's draws above the cap (truncated to it)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -101,7 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def batchings(args) -> dict[str, Batching]:
-    return {"padded": Batching(micro_batch_size=args.micro_batch_size),
+    return {"padded-step": Batching(micro_batch_size=args.micro_batch_size),
+            "padded": Batching(micro_batch_size=args.micro_batch_size),
             "budget": Batching(max_tokens=args.max_tokens),
             "packing": Batching(max_tokens=args.max_tokens, pack=True)}
 
@@ -173,9 +177,13 @@ class StepTime:
         return self.logprob_s + self.update_s
 
 
-def timed_step(trainable, batch: TrainBatch, batching: Batching, spec, pg) -> StepTime:
-    """The old-log-prob pass, then one update, each timed to its last kernel."""
+def timed_step(trainable, batch: TrainBatch, batching: Batching, spec, pg, *, whole_width: bool = False) -> StepTime:
+    """The old-log-prob pass, then one update, each timed to its last kernel. ``whole_width``:
+    every row counts as long as the batch's longest (each is padded to it)."""
     model, optimizer, scheduler = trainable
+    real_tokens = sum(batch.row_lengths)
+    if whole_width:
+        batch = dataclasses.replace(batch, lengths=None)
     on_cuda = batch.tokens.is_cuda
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -186,7 +194,7 @@ def timed_step(trainable, batch: TrainBatch, batching: Batching, spec, pg) -> St
     metrics = train_minibatch(model, optimizer, scheduler, batch, LossConfig(), pg, **settings)
     end = _now(on_cuda)
     return StepTime(logprob_s=middle - start, update_s=end - middle,
-                    useful_fraction=metrics.real_tokens / metrics.processed_tokens,
+                    useful_fraction=real_tokens / metrics.processed_tokens,
                     microbatches=int(metrics.microbatches),
                     peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None)
 
@@ -205,7 +213,8 @@ def best_times(trainable, batch: TrainBatch, spec, pg, args) -> dict[str, StepTi
     runs: dict[str, list[StepTime]] = {name: [] for name in METHODS}
     for _ in range(args.repeats):
         for name in METHODS:
-            runs[name].append(timed_step(trainable, batch, plans[name], spec, pg))
+            runs[name].append(timed_step(trainable, batch, plans[name], spec, pg,
+                                         whole_width=name == "padded-step"))
     best = {name: min(times, key=lambda t: t.seconds) for name, times in runs.items()}
     if batch.tokens.is_cuda:
         for name, times in runs.items():
@@ -242,12 +251,12 @@ def model_flops(spec, lengths: list[int]) -> float:
 
 def summary(best: dict[str, StepTime], lengths: list[int], flops: float | None) -> dict[str, dict]:
     """Per method: the table's numbers (throughput and memory where ``flops`` is given)."""
-    padded = best["padded"].seconds
+    padded = best["padded-step"].seconds
     result = {}
     for name, step in best.items():
         row = dict(useful_fraction=round(step.useful_fraction, 4), microbatches=step.microbatches,
                    seconds=round(step.seconds, 3), logprob_seconds=round(step.logprob_s, 3),
-                   update_seconds=round(step.update_s, 3), time_vs_padded=round(step.seconds / padded, 3))
+                   update_seconds=round(step.update_s, 3), time_vs_padded_step=round(step.seconds / padded, 3))
         if flops is not None:
             row.update(tokens_per_s=round(sum(lengths) / step.seconds, 1),
                        model_tflops_per_s=round(flops / step.seconds / 1e12, 2),
@@ -259,7 +268,7 @@ def summary(best: dict[str, StepTime], lengths: list[int], flops: float | None) 
 def print_table(rows: dict[str, dict]) -> None:
     columns = [("method", None), ("useful-token fraction", "useful_fraction"), ("microbatches", "microbatches"),
                ("seconds", "seconds"), ("old log-probs s", "logprob_seconds"), ("update s", "update_seconds"),
-               ("time / padded", "time_vs_padded")]
+               ("time / padded-step", "time_vs_padded_step")]
     if "tokens_per_s" in rows["padded"]:
         columns += [("tokens/s", "tokens_per_s"), ("model TFLOP/s", "model_tflops_per_s"),
                     ("peak memory GiB", "peak_memory_gib")]

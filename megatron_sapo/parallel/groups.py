@@ -3,6 +3,12 @@
 Megatron-Core keeps its groups in ``parallel_state``; we initialise them there (its model code
 reads them) and return a ``ProcessGroupCollection`` that our code passes on by argument, so no
 module of ours reaches for a global group.
+
+Megatron's ``destroy_model_parallel`` forgets most of its groups without destroying them; each
+gloo group keeps its worker threads until it is destroyed, so a process that builds several
+layouts (the multi-rank tests build dozens) ended up with thousands of threads and slowed to a
+crawl. :func:`destroy_model_parallel` therefore destroys every group :func:`initialize_model_parallel`
+created.
 """
 
 from __future__ import annotations
@@ -29,21 +35,37 @@ def initialize_model_parallel(cfg: ParallelConfig, seed: int = 1234):
 
     cfg.data_parallel_size(dist.get_world_size())  # clear error before Megatron's assertion
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel()
+    before = set(_c10d_groups())
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.tp,
         pipeline_model_parallel_size=cfg.pp,
         expert_model_parallel_size=cfg.ep,
         expert_tensor_parallel_size=cfg.etp,
     )
+    _created.extend(group for group in _c10d_groups() if group not in before)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
 def destroy_model_parallel() -> None:
+    """Forget Megatron's groups and destroy them (see the module docstring)."""
     from megatron.core import parallel_state
     from megatron.core.transformer.moe.router_replay import RouterReplay
 
     RouterReplay.clear_global_router_replay_instances()
     parallel_state.destroy_model_parallel()
+    alive = set(_c10d_groups())  # Megatron destroys a few of them itself
+    for group in _created:
+        if group in alive:
+            dist.destroy_process_group(group)
+    _created.clear()
+
+
+_created: list = []
+"""The process groups the current ``initialize_model_parallel`` created."""
+
+
+def _c10d_groups():
+    return dist.distributed_c10d._world.pg_map.keys()

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_sapo.types import TrainBatch, VisionInputs
+from megatron_sapo.types import TrainBatch
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ class Microbatch:
 
     def _inside_rows(self) -> torch.Tensor:
         steps = torch.arange(self.rows.tokens.shape[1], device=self.tokens.device)
-        return steps.unsqueeze(0) < self.rows.lengths.unsqueeze(1)
+        return steps.unsqueeze(0) < self.rows.lengths.to(self.tokens.device).unsqueeze(1)
 
 
 def build_microbatch(batch: TrainBatch, row_index: list[int], *, pack: bool, multiple: int,
@@ -193,10 +193,11 @@ def build_microbatch(batch: TrainBatch, row_index: list[int], *, pack: bool, mul
     if not row_index:
         return _empty_microbatch(batch, multiple)
     index = torch.tensor(row_index, dtype=torch.long, device=batch.tokens.device)
-    lengths = [batch.row_lengths[i] for i in row_index]
+    every_length = batch.row_lengths
+    lengths = [every_length[i] for i in row_index]
     rows = batch.select(index).trimmed(max(lengths))
     device = rows.tokens.device
-    rows.lengths = torch.tensor(lengths, dtype=torch.long, device=device)
+    rows.lengths = torch.tensor(lengths, dtype=torch.long)
     if not pack:
         seq_len = round_up(max(lengths), multiple)
         micro = Microbatch(rows=rows, row_index=list(row_index), tokens=_pad_right(rows.tokens, seq_len),
@@ -233,7 +234,7 @@ def _empty_microbatch(batch: TrainBatch, multiple: int) -> Microbatch:
                       position_ids=None if batch.position_ids is None else
                       torch.arange(multiple, device=device).expand(3, 1, multiple),
                       vision=None if batch.vision is None else [None],
-                      lengths=torch.tensor([multiple], device=device))
+                      lengths=torch.tensor([multiple]))
     return Microbatch(rows=rows, row_index=[], tokens=tokens, targets=tokens,
                       position_ids=_padded_positions(rows, multiple))
 

@@ -20,7 +20,7 @@ from rank_files import shared_dir
 from test_routing_replay import EXPERTS, HFRouting, perturb_megatron_routers, per_row, router_deltas, spread
 from test_training_update import layouts  # noqa: F401 (fixture)
 from test_training_update import (OPTIMIZER, TEMPERATURE, TOL, VOCAB, assert_same_weights, assert_step_matches,
-                                  reference_step, with_old_logprobs, worst_over_ranks)
+                                  make_batch, reference_step, with_old_logprobs, worst_over_ranks)
 
 from megatron_sapo.config import LossConfig
 from megatron_sapo.parallel.groups import destroy_model_parallel
@@ -43,17 +43,7 @@ LAYOUTS = {"tp2-sp": dict(tp=2), "pp2": dict(pp=2), "ep2-dp2": dict(ep=2), "tp2-
 
 
 def spread_batch(seed: int = 11) -> TrainBatch:
-    """Rows of random tokens right-padded to the longest, with their real lengths."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(1, VOCAB, (len(ROWS), SEQ), generator=g)
-    loss_mask = torch.zeros(len(ROWS), SEQ)
-    for row, (prompt, length) in enumerate(ROWS):
-        tokens[row, length:] = 0
-        loss_mask[row, prompt - 1:length - 1] = 1
-    targets = torch.cat([tokens[:, 1:], torch.zeros(len(ROWS), 1, dtype=torch.long)], dim=1)
-    return TrainBatch(tokens=tokens, targets=targets, loss_mask=loss_mask, advantages=torch.randn(len(ROWS), generator=g),
-                      rollout_logprobs=torch.zeros(len(ROWS), SEQ),
-                      lengths=torch.tensor([length for _, length in ROWS]))
+    return make_batch(seed, rows=ROWS, with_lengths=True)
 
 
 def my_rows(run, batching: Batching) -> torch.Tensor:

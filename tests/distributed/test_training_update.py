@@ -49,18 +49,21 @@ SEQ = 11
 OPTIMIZER = OptimizerConfig(lr=1e-2, adam_eps=1e-3, clip_grad=1.0)
 
 
-def make_batch(seed: int = 0) -> TrainBatch:
-    """Right-padded rows of random tokens; the loss covers each row's response tokens."""
+def make_batch(seed: int = 0, rows=ROWS, with_lengths: bool = False) -> TrainBatch:
+    """Right-padded rows of random tokens; the loss covers each row's response tokens.
+    ``with_lengths``: the batch knows each row's real length (else every row counts as full)."""
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(1, VOCAB, (len(ROWS), SEQ), generator=g)
-    loss_mask = torch.zeros(len(ROWS), SEQ)
-    for row, (prompt, length) in enumerate(ROWS):
+    width = max(length for _, length in rows)
+    tokens = torch.randint(1, VOCAB, (len(rows), width), generator=g)
+    loss_mask = torch.zeros(len(rows), width)
+    for row, (prompt, length) in enumerate(rows):
         tokens[row, length:] = 0
         loss_mask[row, prompt - 1:length - 1] = 1
-    targets = torch.cat([tokens[:, 1:], torch.zeros(len(ROWS), 1, dtype=torch.long)], dim=1)
-    advantages = torch.randn(len(ROWS), generator=g)
+    targets = torch.cat([tokens[:, 1:], torch.zeros(len(rows), 1, dtype=torch.long)], dim=1)
+    advantages = torch.randn(len(rows), generator=g)
     return TrainBatch(tokens=tokens, targets=targets, loss_mask=loss_mask, advantages=advantages,
-                      rollout_logprobs=torch.zeros(len(ROWS), SEQ))
+                      rollout_logprobs=torch.zeros(len(rows), width),
+                      lengths=torch.tensor([length for _, length in rows]) if with_lengths else None)
 
 
 def hf_model(path: Path):
