@@ -12,7 +12,8 @@ way, with a checkpoint.
 Every rank runs :func:`train`. Rank 0 also runs the rollout side (servers, client, prompt
 order, rewards) and sends each data-parallel replica its share of the step's rows
 (``training/shard.py``); every rank then trains its part of the model on its replica's rows,
-and step metrics are reduced over the replicas so they describe the whole step. A run is reproducible: prompts follow a seeded order, each sample has its own sampling
+and step metrics are reduced over the replicas so they describe the whole step. A run is
+reproducible: prompts follow a seeded order, each sample has its own sampling
 seed derived from (seed, step, prompt, sample), and checkpoints hold every RNG state, so a run
 resumed from step N continues exactly like a run that never stopped.
 """
@@ -253,6 +254,8 @@ def histograms(run: Run, batch: TrainBatch) -> None:
     new = compute_logprobs(run.policy.trainable.model, batch, run.pg, batching=Batching.of(run.cfg.train),
                            temperature=run.cfg.rollout.temperature,
                            true_vocab_size=run.policy.spec.vocab_size, routing=routing)
+    if dist.get_rank(run.pg.mp) != 0:  # rank 0's data-parallel group (TP and PP rank 0) reports
+        return
     diag = gate_diagnostics(new, batch.old_logprobs, batch.advantages, batch.loss_mask,
                             run.cfg.loss.tau_pos, run.cfg.loss.tau_neg)
     values = {"token_ratio": diag.token_ratios, "log_ratio_var": diag.log_ratio_var,
