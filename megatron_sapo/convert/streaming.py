@@ -148,7 +148,7 @@ def _describe_model(hf_config: dict, source: str, parallel: ParallelConfig, pg, 
 
     family = model_family(hf_config, source)
     spec = family.from_hf_config(hf_config, parallel, params_dtype=dtype, use_te=use_te)
-    for config in _transformer_configs(spec):
+    for config in transformer_configs(spec):
         config.perform_initialization = False
         # The GPU path names device=cuda, escaping the meta context. TE modules name "cpu" here
         # instead, so with TE their weights are allocated on the CPU (uninitialised), not on meta.
@@ -173,7 +173,7 @@ def _describe_model(hf_config: dict, source: str, parallel: ParallelConfig, pg, 
     return MetaLayout(spec, weight_table(family, spec), chunks, objects)
 
 
-def _transformer_configs(spec) -> list:
+def transformer_configs(spec) -> list:
     """Every TransformerConfig a model is built from: the text model's, and a vision tower's."""
     vision = getattr(spec, "vision", None)
     return [spec.config] + ([vision.config] if vision is not None else [])

@@ -38,6 +38,10 @@ TINY_QWEN3_MOE = dict(
     attention_bias=False,
     router_aux_loss_coef=0.0,
 )
+DEMO_OVERRIDES = dict(mlp_only_layers=[])
+"""The CPU demo's model is the tiny one without its dense layer (SGLang serves Qwen3-MoE layers
+as MoE only)."""
+DEMO_QWEN3_MOE = {**TINY_QWEN3_MOE, **DEMO_OVERRIDES}
 
 
 def save_tiny_qwen3_moe(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
@@ -64,7 +68,6 @@ def save_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
     layers as MoE only), fp32, saved with the tiny character tokenizer and its special tokens."""
     from megatron_sapo.data.tiny_tokenizer import EOS_ID, PAD_ID, save_tiny_tokenizer
 
-    out = save_tiny_qwen3_moe(out_dir, seed=seed, dtype=torch.float32, mlp_only_layers=[],
-                              eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    out = save_tiny_qwen3_moe(out_dir, seed=seed, dtype=torch.float32, **DEMO_OVERRIDES, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     save_tiny_tokenizer(out)
     return out

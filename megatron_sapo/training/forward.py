@@ -70,17 +70,26 @@ def row_logprobs(logits: torch.Tensor, micro: Microbatch, group, *, temperature:
     return micro.unpack(result)
 
 
-def token_forward_step(head: Head, *, routing=None):
+def token_forward_step(head: Head, *, routing=None, eager: bool = False):
     """The schedule's forward step: run one :class:`Microbatch` and attach ``head``.
 
     ``routing`` (a ``RoutingReplay`` inside its ``recording()`` or ``replaying()`` context, or
     None) sees every microbatch's forward, in schedule order.
+
+    ``eager`` (forward-only passes, the last pipeline stage): run the head as soon as the logits
+    exist and hand the schedule an empty tensor in their place. Megatron's forward-only loop
+    keeps each microbatch's output until the next microbatch's forward returns, which would
+    hold two microbatches' logits at once (2.8 GB per GPU at the 30B-A3B job's 36,864-token
+    microbatches).
     """
 
     def forward_step(data_iterator, model):
         micro: Microbatch = next(data_iterator)
         with routing.microbatch(micro) if routing is not None else nullcontext():
             output = model(micro.tokens, micro.position_ids, micro.attention_mask, **micro.model_kwargs())
+        if eager:
+            data = head(output, micro)
+            return output.new_empty(0), lambda _placeholder, non_loss_data=False: data
 
         def loss_func(logits, non_loss_data=False):  # the schedule names the flag; the head knows its pass
             return head(logits, micro)

@@ -46,7 +46,8 @@ def compute_logprobs(model, batch: TrainBatch, pg_collection, *, batching: Batch
         pass_context = nullcontext()
     else:
         pass_context = routing.replaying(batch) if replay else routing.recording(batch)
-    step = token_forward_step(logprobs_head, routing=routing)
+    last_stage = dist.get_rank(pg_collection.pp) == dist.get_world_size(pg_collection.pp) - 1
+    step = token_forward_step(logprobs_head, routing=routing, eager=last_stage)
     was_training = model.training
     model.eval()
     try:
