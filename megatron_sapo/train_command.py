@@ -34,6 +34,8 @@ def register(subparsers) -> None:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output folder")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (repeatable), e.g. --set loss.tau_neg=1.0")
+    parser.add_argument("--no-plan-check", action="store_true",
+                        help="on GPU machines, start even when `megatron-sapo plan` says the run does not fit")
     parser.set_defaults(func=run)
 
 
@@ -49,10 +51,34 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     return cfg, Path(cfg.train.out_dir)
 
 
+def check_plan(cfg: RunConfig) -> None:
+    """On a GPU machine, refuse a run whose plan does not fit these GPUs (``plan/command.py``),
+    before any process group, model or server starts. The job's size is the launcher's
+    (WORLD_SIZE and LOCAL_WORLD_SIZE, or SLURM's task counts), else the ranks this command
+    would start. Every rank plans; rank 0 prints the breakdown."""
+    from megatron_sapo.plan.command import check_fits, local_gpus
+    from megatron_sapo.plan.layout import Hardware
+
+    local = local_gpus()
+    if local is None:  # a CPU machine: no GPU memory to hold the plan to
+        return
+    from megatron_sapo.parallel.spawn import world_size_for
+
+    env = os.environ
+    world = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 0) or world_size_for(cfg.parallel)
+    per_node = int(env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or 0) or world
+    count, memory, name = local
+    hardware = Hardware(nodes=-(-world // per_node), gpus_per_node=min(per_node, world), gpu_memory_gib=memory,
+                        memory_source=f"this machine's {name}")
+    check_fits(cfg, hardware, verbose=int(env.get("RANK", "0")) == 0)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg, out_dir = resolve(args)
     if args.resume and not (out_dir / "checkpoints" / "latest").exists():
         raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
+    if not args.no_plan_check:
+        check_plan(cfg)
     if any(v in os.environ for v in LAUNCHER_VARIABLES):
         from megatron_sapo.parallel.launch import init_distributed
 

@@ -12,12 +12,14 @@
 # What a job does, in order (each restart of a requeued job does it again):
 #   1. plan: which nodes train and which serve rollouts, ranks per node, server addresses, all
 #      derived from CONFIG by job_plan.py (the last ROLLOUT_NODES hosts serve, the rest train);
-#   2. convert the HF checkpoint to a Megatron one (once per model, shared by jobs, skipped when
+#   2. check the memory plan (`megatron-sapo plan`, GPU jobs): a config that cannot fit the GPUs
+#      fails here, in seconds, before anything is converted or started;
+#   3. convert the HF checkpoint to a Megatron one (once per model, shared by jobs, skipped when
 #      it exists): the checkpoint for parity checks and exports; the trainer itself starts from
 #      the HF weights (model.hf_dir), or from this one with SETS="checkpoint.load_dir=MCORE_DIR";
-#   3. disaggregated rollout: one srun step per rollout node starting its SGLang servers
+#   4. disaggregated rollout: one srun step per rollout node starting its SGLang servers
 #      (serve_node.sh, bound to 0.0.0.0), then wait until every server answers /health;
-#   4. srun `megatron-sapo train CONFIG --output RUN_DIR --set rollout.servers=[...]`, with
+#   5. srun `megatron-sapo train CONFIG --output RUN_DIR --set rollout.servers=[...]`, with
 #      --resume when RUN_DIR/checkpoints/latest exists, so a requeued job continues from its
 #      latest checkpoint (RUN_DIR is named after the job id, which a requeue keeps).
 # Signals: SIGUSR1 (#SBATCH --signal=B:USR1@T, T seconds before the time limit) asks the trainer
@@ -42,6 +44,7 @@
 #   SETS              extra section.key=value overrides, separated by spaces [none]
 #   REPO              the megatron-sapo checkout [the folder two levels above this script]
 #   VENV              Python environment with megatron-sapo installed [REPO/.venv]
+#   PLAN_CHECK        1: check the memory plan before converting (GPU jobs) [1]; 0 skips it
 #   DRY_RUN=1         print the commands instead of running them (no SLURM needed)
 # Partition, account, QoS: sbatch's own -p/-A/-q or SBATCH_PARTITION / SBATCH_ACCOUNT / SBATCH_QOS.
 set -euo pipefail
@@ -56,6 +59,7 @@ RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-job}-${SLURM_JOB_ID:?not inside a SLURM j
 RUN_DIR=$RUN_ROOT/$RUN_NAME
 ATTEMPT_DIR=$RUN_DIR/slurm/attempt-${SLURM_RESTART_COUNT:-0}
 CONVERT=${CONVERT:-1}
+PLAN_CHECK=${PLAN_CHECK:-1}
 ROLLOUT_NODES=${ROLLOUT_NODES:-0}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
 CPUS_PER_NODE=${SLURM_CPUS_ON_NODE:-$(nproc)}
@@ -131,12 +135,15 @@ stop_servers() {
 
 # ---- the steps -------------------------------------------------------------------------------
 
+# The config overrides as --set flags, for every megatron-sapo command of the job.
+SET_FLAGS=()
+for override in "${OVERRIDES[@]}"; do
+  SET_FLAGS+=(--set "$override")
+done
+
 plan_job() {
-  local sets=() item plan
-  for item in "${OVERRIDES[@]}"; do
-    sets+=(--set "$item")
-  done
-  plan=$(python "$REPO/examples/slurm/job_plan.py" "$CONFIG" "${sets[@]}" --rollout-nodes "$ROLLOUT_NODES" \
+  local plan
+  plan=$(python "$REPO/examples/slurm/job_plan.py" "$CONFIG" "${SET_FLAGS[@]}" --rollout-nodes "$ROLLOUT_NODES" \
     --gpus-per-node "$GPUS_PER_NODE" --cpus-per-node "$CPUS_PER_NODE" --server-port "$SERVER_PORT") \
     || die "the job does not fit $CONFIG (see above)"
   eval "$plan"
@@ -152,6 +159,29 @@ plan_job() {
     mkdir -p "$ATTEMPT_DIR"
     printf '%s\n' "$plan" > "$ATTEMPT_DIR/plan.sh"
   fi
+}
+
+check_memory_plan() {
+  if (( ! GPUS_PER_NODE )); then
+    log "no GPUs: the memory plan is not checked"
+    return
+  fi
+  if (( ! PLAN_CHECK )); then
+    log "PLAN_CHECK=0: the memory plan is not checked"
+    return
+  fi
+  local cmd=(megatron-sapo plan "$CONFIG" "${SET_FLAGS[@]}" --nodes "$TRAIN_NODES" --rollout-nodes "$ROLLOUT_NODES"
+             --gpus-per-node "$GPUS_PER_NODE")
+  if (( DRY_RUN )); then
+    show "${cmd[@]}"
+    return
+  fi
+  log "checking the memory plan ($ATTEMPT_DIR/memory_plan.txt)"
+  if ! "${cmd[@]}" > "$ATTEMPT_DIR/memory_plan.txt" 2>&1; then
+    grep -v '^{' "$ATTEMPT_DIR/memory_plan.txt" >&2
+    die "the run does not fit its GPUs (breakdown above; PLAN_CHECK=0 skips this check)"
+  fi
+  log "$(grep -m1 '^  total' "$ATTEMPT_DIR/memory_plan.txt" | sed 's/^ *//')"
 }
 
 convert_checkpoint() {
@@ -224,12 +254,10 @@ wait_for_servers() {
 }
 
 train() {
-  local args=(train "$CONFIG" --output "$RUN_DIR") item
+  local args=(train "$CONFIG" --output "$RUN_DIR" "${SET_FLAGS[@]}")
   [[ -n $STEPS ]] && args+=(--steps "$STEPS")
   [[ -n $SAVE_EVERY ]] && args+=(--save-every "$SAVE_EVERY")
-  for item in "${OVERRIDES[@]}"; do
-    args+=(--set "$item")
-  done
+  (( PLAN_CHECK )) || args+=(--no-plan-check)
   [[ $ROLLOUT_MODE == disaggregated ]] && args+=(--set "rollout.servers=$SERVERS_TOML")
   if [[ -f $RUN_DIR/checkpoints/latest ]]; then
     log "resuming from checkpoint $(< "$RUN_DIR/checkpoints/latest")"
@@ -252,6 +280,7 @@ train() {
 
 main() {
   plan_job
+  check_memory_plan
   convert_checkpoint
   start_servers
   local rc=0

@@ -68,6 +68,7 @@ def save_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
     layers as MoE only), fp32, saved with the tiny character tokenizer and its special tokens."""
     from megatron_sapo.data.tiny_tokenizer import EOS_ID, PAD_ID, save_tiny_tokenizer
 
-    out = save_tiny_qwen3_moe(out_dir, seed=seed, dtype=torch.float32, **DEMO_OVERRIDES, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    out = save_tiny_qwen3_moe(out_dir, seed=seed, dtype=torch.float32, **DEMO_OVERRIDES, eos_token_id=EOS_ID,
+                              pad_token_id=PAD_ID)
     save_tiny_tokenizer(out)
     return out

@@ -20,12 +20,13 @@ whole against allocator measurements):
     RMSNorm (x3 per layer, the final one too)   8 n_s h + 4 n_s    fp32 input and x * rstd, rstd
     QKV input                                    a n_s h            (SP: saved before the all-gather)
     Q-norm                                       8 n q              fp32 input copy and output
-    K-norm                                       8 n kv (bf16), 4 n (q + 2 kv) + 4 n kv (fp32: its input is a view of QKV)
+    K-norm                                       8 n kv (bf16); fp32: 4 n (q + 2 kv) + 4 n kv (a view of QKV)
     core attention q, k, v (GQA-expanded)        3 a n q
     attention probabilities                      b (heads/tp) s^2 x (4, + a in bf16: the cast for P V)
     output projection input                      a n q
     router input, indices, scores, routing map   a n_s h + n_s (20 k + 5 E)
-    experts: permuted input, per routed token    a r h + r (6 a f + 4)  (fc1 out, SwiGLU halves, its output, fc2 input; the prob)
+    experts: permuted input, per routed token    a r h + r (6 a f + 4)
+                                                 (fc1 output, SwiGLU halves and output, fc2 input; the prob)
     dense MLP (mlp_only_layers)                  a n_s h + 6 a n F
 
 **TransformerEngine spec** (fused norm + linear, flash attention, grouped expert GEMM; from what
@@ -42,9 +43,12 @@ activations; in backward one chunk is rebuilt at a time. "selective" drops the p
 (and the GQA-expanded k, v: Megatron checkpoints the core attention from q, k, v).
 
 **Backward working set**: besides the saved tensors, a layer's backward holds its gradients;
-for the local spec's attention that is three fp32 score-sized buffers at once (the gradient of
-the probabilities, the softmax backward, the masked fill's backward: 3 x 4 b (heads/tp) s^2,
-measured), plus a few hidden-sized gradients (``4 a n h``). The local spec also keeps one
+for the local spec's attention, measured at the peak of a step, four fp32 score-sized buffers at
+once (the gradient of the probabilities and the copies autograd makes to undo the in-place
+masked fill on a view of the scores: 4 x 4 b (heads/tp) s^2), plus a few hidden-sized
+gradients (``4 a n h``). The planner counts the layer's saved
+tensors as well, though autograd has freed some of them by then: conservative by up to one
+score buffer. The local spec also keeps one
 score buffer for the whole run (``score_buffer_bytes``).
 """
 
@@ -141,7 +145,7 @@ def backward_working_bytes(dims: ModelDims, shape: Shape, split: Split) -> float
     hidden = 4 * split.dtype_bytes * shape.tokens * dims.hidden
     if split.te:
         return hidden
-    return hidden + 3 * FP32 * shape.rows * dims.heads / split.tp * shape.seq ** 2
+    return hidden + 4 * FP32 * shape.rows * dims.heads / split.tp * shape.seq ** 2
 
 
 def forward_working_bytes(dims: ModelDims, shape: Shape, split: Split) -> float:

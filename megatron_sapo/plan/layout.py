@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatron_sapo.config import ConfigError, ParallelConfig, RunConfig
 
@@ -56,6 +57,8 @@ class StageParams:
     expert: int
     largest: int
     """Elements of the largest parameter (its fp32 gradient and Adam temporaries are transient)."""
+    whole_model: int
+    """The stage's parameters in the whole model (over its TP and EP ranks), each counted once."""
     layers: int
     """Decoder layers of the stage."""
     first: bool
@@ -130,28 +133,36 @@ def build_layout(cfg: RunConfig, hf_config: dict, source: str, world: int) -> La
     family = model_family(hf_config, source)
     spec = family.from_hf_config(hf_config, parallel, router=cfg.router,
                                  params_dtype=PARAMS_DTYPES[cfg.model.params_dtype])
-    stages = [_stage_params(family, hf_config, cfg, world, stage) for stage in range(parallel.pp)]
+    if dist.is_initialized():
+        # The fake group must be the default one: a process that already has a group (a rank of
+        # the multi-rank tests) counts in a fresh child process.
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            stages = pool.submit(count_stages, hf_config, source, cfg, world).result()
+    else:
+        stages = count_stages(hf_config, source, cfg, world)
     return Layout(parallel=parallel, world=world, dp=dp, edp=edp, spec=spec, stages=stages,
-                  total_params=_model_total(stages, parallel), hf_config=hf_config, hf_config_source=source)
+                  total_params=sum(s.whole_model for s in stages), hf_config=hf_config, hf_config_source=source)
 
 
-def _model_total(stages: list[StageParams], parallel: ParallelConfig) -> int:
-    """Every parameter once: a stage's dense share times TP, its expert share times EP x ETP.
-    (Norm weights replicated over TP are counted TP times: a few thousand elements.)"""
-    return sum(s.dense * parallel.tp + s.expert * parallel.ep * parallel.etp for s in stages)
+def count_stages(hf_config: dict, source: str, cfg: RunConfig, world: int) -> list[StageParams]:
+    """Each pipeline stage's parameters (see the module docstring)."""
+    from megatron_sapo.models import model_family
+
+    family = model_family(hf_config, source)
+    return [_stage_params(family, hf_config, cfg, world, stage) for stage in range(cfg.parallel.pp)]
 
 
 def _stage_params(family, hf_config: dict, cfg: RunConfig, world: int, stage: int) -> StageParams:
     """Build stage ``stage``'s model on the meta device as its first rank sees it."""
-    import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from megatron_sapo.convert.streaming import transformer_configs
     from megatron_sapo.training.setup import PARAMS_DTYPES
 
     parallel = cfg.parallel
-    if dist.is_initialized():
-        raise RuntimeError("the planner builds its own fake process group; run it before torch.distributed starts")
     # Megatron orders ranks tp-cp-ep-dp-pp: pipeline stage s starts at rank s * world / pp.
     dist.init_process_group("fake", store=FakeStore(), rank=stage * (world // parallel.pp), world_size=world)
     try:
@@ -163,21 +174,32 @@ def _stage_params(family, hf_config: dict, cfg: RunConfig, world: int, stage: in
             config.use_cpu_initialization = True  # else Megatron names the CUDA device, escaping meta
         with torch.device("meta"):
             model = family.build_model(spec, pg, pp_rank=stage)
-        dense = expert = largest = 0
-        for param in model.parameters():
-            if getattr(param, "allreduce", True):
-                dense += param.numel()
-            else:
-                expert += param.numel()
-            largest = max(largest, param.numel())
+        dense = expert = largest = whole = 0
+        for module in model.modules():
+            split = isinstance(module, _tp_split_modules())  # else replicated over its TP group
+            for param in module.parameters(recurse=False):
+                if getattr(param, "allreduce", True):
+                    dense += param.numel()
+                    whole += param.numel() * (parallel.tp if split else 1)
+                else:
+                    expert += param.numel()
+                    whole += param.numel() * parallel.ep * (parallel.etp if split else 1)
+                largest = max(largest, param.numel())
     finally:
         from megatron.core import parallel_state
 
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
     layers = spec.config.num_layers // parallel.pp
-    return StageParams(stage=stage, dense=dense, expert=expert, largest=largest, layers=layers,
+    return StageParams(stage=stage, dense=dense, expert=expert, largest=largest, whole_model=whole, layers=layers,
                        first=stage == 0, last=stage == parallel.pp - 1)
+
+
+def _tp_split_modules() -> tuple[type, ...]:
+    """Megatron's modules whose weights are split over a TP group (the local spec's)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    return ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 
 def _megatron_groups(parallel: ParallelConfig):
@@ -197,5 +219,5 @@ def _megatron_groups(parallel: ParallelConfig):
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
-__all__ = ["DTYPE_BYTES", "Hardware", "Layout", "StageParams", "build_layout", "builtin_hf_config",
+__all__ = ["DTYPE_BYTES", "Hardware", "Layout", "StageParams", "build_layout", "builtin_hf_config", "count_stages",
            "read_model_config"]

@@ -5,10 +5,10 @@ holds Python, the libraries, gloo's buffers and whatever malloc keeps after a fr
 
 * on CUDA, ``torch.cuda.max_memory_allocated`` minus what was allocated before the model;
 * on CPU, torch's profiler with ``profile_memory=True``: c10's CPU allocator reports every
-  allocation and free made while profiling, with the running total of bytes it handed out
-  (``total_allocated`` of each allocation event); the peak of that total over the step is the
-  CPU's ``max_memory_allocated``. Profiling starts before the model is built, so weights,
-  gradient buffers and Adam's state are in it.
+  allocation and free made while profiling; replaying them in time order gives the bytes
+  allocated during the step and still alive, whose peak is the CPU's
+  ``max_memory_allocated``. Profiling starts before the model is built, so weights, gradient
+  buffers and Adam's state are in it.
 
 The step is the trainer's own (``compute_logprobs``, then ``train_minibatch`` per minibatch) on a
 model built from a ``config.json`` with Megatron's random initialisation, over rows of random
@@ -54,15 +54,30 @@ def peak_tensor_memory(device: str):
 
 
 def _profiled_peak(prof) -> float:
+    """Peak of the bytes allocated while profiling and not yet freed. Replayed from the
+    allocation events rather than read from their ``total_allocated``: that running total is
+    the allocator reporter's since the process started profiling for the first time, so it
+    carries whatever earlier profiled blocks are still alive (and drops when they are freed)."""
     from torch._C._profiler import _EventType
 
-    peak = 0
+    events = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
         stack.extend(event.children)
         if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            peak = max(peak, event.extra_fields.total_allocated)
+            events.append(event)
+    events.sort(key=lambda e: e.start_time_ns)
+    live: dict[int, int] = {}
+    total = peak = 0
+    for event in events:
+        fields = event.extra_fields
+        if fields.alloc_size > 0:
+            live[fields.ptr] = fields.alloc_size
+            total += fields.alloc_size
+            peak = max(peak, total)
+        else:
+            total -= live.pop(fields.ptr, 0)
     return float(peak)
 
 

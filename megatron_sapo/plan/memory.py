@@ -61,7 +61,10 @@ class StageMemory:
     stage: int
     breakdown: dict[str, float]
     moment: str
-    """Which moment sets the peak ("loss", "layer backward" or "optimizer step")."""
+    """Which moment sets the peak ("loss", "layer backward", "old log-probs", "optimizer step",
+    and on CPU "gradient reduce")."""
+    moments: dict[str, float]
+    """Tensor bytes at each moment (the largest is the peak)."""
     shape: Shape
     activation_items: dict[str, float] = field(default_factory=dict)
 
@@ -147,7 +150,9 @@ def stage_memory(cfg: RunConfig, layout: Layout, stage: StageParams, *, te: bool
     tensors = sum(breakdown.values())
     breakdown["reserve"] = assumptions.reserve_gib * 2**30 + assumptions.fragmentation * tensors \
         if device == "cuda" else 0.0
+    base = sum(static.values())
     return StageMemory(stage=stage.stage, breakdown=breakdown, moment=moment, shape=shape,
+                       moments={m: base + sum(extra.values()) for m, extra in moments.items()},
                        activation_items={k: in_flight * v for k, v in acts.items.items()})
 
 

@@ -190,6 +190,26 @@ def test_plan_refuses_rollout_nodes_when_colocated():
 
 # ---- launch_rl.sh, dry run -------------------------------------------------------------------
 
+def test_a_job_that_cannot_fit_fails_before_converting(tmp_path):
+    """Not a dry run: the launcher's plan check runs for real (no SLURM is needed before the
+    first srun) and stops the job, in seconds, before the conversion or any server starts."""
+    model = tmp_path / "Qwen3-30B-A3B"
+    model.mkdir()
+    shutil.copy(CONFIG_DIR / "hf_config.json", model / "config.json")  # the planner reads nothing else
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="7", SLURM_JOB_NAME="too-big", SLURM_JOB_NODELIST="gpu[1-6]", SLURM_CPUS_ON_NODE="96",
+               GPUS_PER_NODE="8", ROLLOUT_NODES="2", CONFIG="examples/qwen3_30b_a3b/sapo.toml", HF_MODEL=str(model),
+               RUN_ROOT=str(tmp_path / "runs"), TORCHDYNAMO_DISABLE="1",
+               SETS='model.transformer_impl="local" parallel.recompute="none" train.max_tokens_per_microbatch=0 '
+                    "train.pack_sequences=false train.micro_batch_size=4")
+    done = subprocess.run(["bash", str(SLURM_DIR / "launch_rl.sh")], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "the run does not fit its GPUs" in done.stderr
+    assert "does not fit: training GPU of pipeline stage 0 needs" in done.stderr  # the plan's reason
+    assert "converting" not in done.stdout and not (tmp_path / "runs" / "mcore").exists()
+
+
 def dry_run(tmp_path: Path, **env: str) -> str:
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     base.update({"DRY_RUN": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "sapo-30b-a3b", "SLURM_CPUS_ON_NODE": "96",
@@ -207,7 +227,9 @@ def commands(output: str, program: str) -> list[str]:
 def test_dry_run_of_a_30b_job(tmp_path):
     out = dry_run(tmp_path, SLURM_JOB_NODELIST="gpu[001-006]", GPUS_PER_NODE="8", ROLLOUT_NODES="2",
                   CONFIG="examples/qwen3_30b_a3b/sapo.toml", HF_MODEL="/models/Qwen3-30B-A3B", STEPS="3")
-    convert, = commands(out, "megatron-sapo")
+    plan, convert = commands(out, "megatron-sapo")
+    assert plan.startswith("+ megatron-sapo plan examples/qwen3_30b_a3b/sapo.toml --set model.hf_dir=/models/")
+    assert plan.endswith("--nodes 4 --rollout-nodes 2 --gpus-per-node 8 ")
     assert "convert hf-to-mcore --hf /models/Qwen3-30B-A3B" in convert and "--tp 4 --pp 1 --ep 8" in convert
     servers, train = commands(out, "srun")[:2], commands(out, "srun")[2]
     for host, line in zip(("gpu005", "gpu006"), servers):
@@ -225,7 +247,9 @@ def test_dry_run_of_a_30b_job(tmp_path):
 def test_dry_run_resumes_only_from_an_existing_checkpoint(tmp_path):
     env = dict(SLURM_JOB_NODELIST="vm", ROLLOUT_NODES="0", GPUS_PER_NODE="0", SLURM_CPUS_ON_NODE="2",
                CONFIG="examples/tiny_cpu/sapo.toml", RUN_NAME="demo", SETS="train.sft_steps=20 eval.every=0")
-    train, = commands(dry_run(tmp_path, **env), "srun")
+    out = dry_run(tmp_path, **env)
+    assert "no GPUs: the memory plan is not checked" in out and not commands(out, "megatron-sapo")
+    train, = commands(out, "srun")
     assert "--ntasks=2 --ntasks-per-node=2 --cpus-per-task=1" in train
     assert "--set train.sft_steps=20 --set eval.every=0" in train and "rollout.servers" not in train
     assert "--resume" not in train
