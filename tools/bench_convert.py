@@ -30,29 +30,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-QWEN3_30B_A3B = dict(
-    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
-    intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
-    num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
-    decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1000000.0,
-    max_position_embeddings=40960, tie_word_embeddings=False, dtype="bfloat16",
-)
-# Qwen/Qwen3-VL-30B-A3B-Instruct's config.json (the fields the conversion reads).
-QWEN3_VL_30B_A3B = dict(
-    architectures=["Qwen3VLMoeForConditionalGeneration"], model_type="qwen3_vl_moe", dtype="bfloat16",
-    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-    tie_word_embeddings=False,
-    text_config=dict(
-        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
-        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-        decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, max_position_embeddings=262144,
-        rope_parameters=dict(rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20],
-                             mrope_interleaved=True)),
-    vision_config=dict(
-        depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, hidden_act="gelu_pytorch_tanh",
-        in_channels=3, patch_size=16, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=2048,
-        num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
-)
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# The Hub config.json files of Qwen3-30B-A3B and Qwen3-VL-30B-A3B-Instruct (the fields the
+# conversion and the planner read), shipped beside their run configs.
+QWEN3_30B_A3B = json.loads((EXAMPLES / "qwen3_30b_a3b" / "hf_config.json").read_text())
+QWEN3_VL_30B_A3B = json.loads((EXAMPLES / "qwen3_vl_30b_a3b" / "hf_config.json").read_text())
 MODELS = {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3-vl-30b-a3b": QWEN3_VL_30B_A3B}
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would report the

@@ -64,6 +64,7 @@ from bench_convert import QWEN3_30B_A3B
 from megatron_sapo.config import LossConfig, OptimizerConfig, ParallelConfig
 from megatron_sapo.models import qwen3_moe
 from megatron_sapo.parallel.groups import initialize_model_parallel
+from megatron_sapo.plan.measure import random_batch
 from megatron_sapo.training.logprobs import compute_logprobs
 from megatron_sapo.training.microbatch import Batching
 from megatron_sapo.training.optimizer import build_optimizer
@@ -147,19 +148,6 @@ def row_lengths(rows: int, cap: int, seed: int) -> list[int]:
 
 def _normal_quantile(p: float) -> float:
     return math.sqrt(2) * torch.erfinv(torch.tensor(2 * p - 1, dtype=torch.float64)).item()
-
-
-def make_batch(lengths: list[int], vocab: int, seed: int) -> TrainBatch:
-    """Random tokens, right-padded to the longest row; every target of a row is a loss token."""
-    g = torch.Generator().manual_seed(seed)
-    rows, width = len(lengths), max(lengths)
-    lengths_B = torch.tensor(lengths)
-    inside_BT = torch.arange(width).unsqueeze(0) < lengths_B.unsqueeze(1)
-    tokens = torch.randint(1, vocab, (rows, width), generator=g) * inside_BT
-    targets = torch.cat([tokens[:, 1:], torch.zeros(rows, 1, dtype=torch.long)], dim=1)
-    loss_mask = (torch.arange(width).unsqueeze(0) < (lengths_B - 1).unsqueeze(1)).float()
-    return TrainBatch(tokens=tokens, targets=targets, loss_mask=loss_mask, advantages=torch.randn(rows, generator=g),
-                      rollout_logprobs=torch.zeros(rows, width), lengths=lengths_B)
 
 
 # ---- one timed step --------------------------------------------------------------------------
@@ -297,7 +285,7 @@ def main(argv=None) -> None:
     spec = qwen3_moe.from_hf_config(hf_config(args), ParallelConfig(), params_dtype=DTYPES[args.dtype])
     trainable = build_trainable(spec, pg, total_steps=len(METHODS) * args.repeats + 1)
     lengths = row_lengths(args.rows, args.cap, args.seed)
-    batch = make_batch(lengths, args.vocab, args.seed).to(args.device)
+    batch = random_batch(lengths, args.vocab, args.seed).to(args.device)
     print(describe_model(args))
     print(f"batch: {args.rows} rows, {sum(lengths)} real tokens, longest {max(lengths)}, median "
           f"{sorted(lengths)[len(lengths) // 2]}, {sum(n == args.cap for n in lengths)} at the cap {args.cap}; "

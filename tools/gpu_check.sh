@@ -3,7 +3,8 @@
 # Python 3.12; no Megatron-Core, TransformerEngine or SGLang; no network): the CUDA tests
 # (tests/gpu: vocab-parallel log-probs, one training step on the GPU against the CPU), then
 # tools/bench_train_step.py on a Qwen3-30B-A3B-shaped model (padded vs token budget vs packing;
-# tokens/s, model TFLOP/s, peak memory). A few minutes in all. Logs go to $OUT when it is set.
+# tokens/s, model TFLOP/s, peak memory), then the planner against measured peaks. A few
+# minutes in all. Logs go to $OUT when it is set.
 #
 # Megatron-Core travels as a wheel in .whl/ (the one package missing there). Its Requires-Dist
 # (`unzip -p .whl/megatron_core-*.whl '*/METADATA' | grep ^Requires-Dist | grep -v extra`) is
@@ -22,6 +23,10 @@
 # the local attention keeps fp32 and bf16 softmax probabilities of [rows, 32 heads, S, S] per
 # layer, so rows stay at 4,096 tokens (not the job's 16,384) and the padded method takes 2 rows
 # per microbatch (4 would need ~130 GB). BENCH_ARGS replaces these arguments.
+# Then tools/check_plan_memory.py: `megatron-sapo plan`'s predicted peak against
+# torch.cuda.max_memory_allocated for 3 settings of the same 4-layer model (packed 8,192-token
+# microbatches with full recompute; a 4,096-token budget without recompute; 2 rows of 1,024
+# with selective recompute), each in its own process. PLAN_ARGS replaces its arguments.
 set -uo pipefail
 
 logs=${OUT:-/tmp/gpu_check}
@@ -48,5 +53,11 @@ echo "== python3 tools/bench_train_step.py --device cuda $bench_args"
 # shellcheck disable=SC2086  # bench_args is a list of arguments
 python3 tools/bench_train_step.py --device cuda $bench_args 2>&1 | tee "$logs/bench.log" || status=1
 grep '^{' "$logs/bench.log" | tail -n 1 > "$logs/bench.json"
+
+plan_args=${PLAN_ARGS:---layers 4 --experts 128 --vocab 151936 --seq 4096}
+echo "== python3 tools/check_plan_memory.py --device cuda $plan_args"
+# shellcheck disable=SC2086  # plan_args is a list of arguments
+python3 tools/check_plan_memory.py --device cuda $plan_args 2>&1 | tee "$logs/plan.log" || status=1
+grep '^{' "$logs/plan.log" | tail -n 1 > "$logs/plan.json"
 
 exit $status

@@ -50,7 +50,7 @@ def peak_tensor_memory(device: str):
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         yield result
-    result.append(Measured(_profiled_peak(prof), "torch.profiler CPU allocator events (total_allocated)"))
+    result.append(Measured(_profiled_peak(prof), "torch.profiler CPU allocation events, replayed"))
 
 
 def _profiled_peak(prof) -> float:

@@ -1,5 +1,8 @@
 """HF config.json -> Megatron TransformerConfig for Qwen3-MoE."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,13 +12,8 @@ from megatron_sapo.models.tiny import TINY_QWEN3_MOE
 
 pytestmark = pytest.mark.unit
 
-QWEN3_30B_A3B = dict(
-    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
-    intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
-    num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
-    decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1000000.0,
-    max_position_embeddings=40960, tie_word_embeddings=False,
-)
+QWEN3_30B_A3B = json.loads((Path(__file__).parents[2] / "examples" / "qwen3_30b_a3b" / "hf_config.json").read_text())
+"""Qwen3-30B-A3B's config.json, as shipped beside its run configs."""
 
 
 def test_qwen3_30b_a3b_fields():

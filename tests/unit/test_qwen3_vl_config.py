@@ -4,6 +4,9 @@ Positions and resampling are checked against transformers' own functions, on gri
 not square and images of several sizes.
 """
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,22 +17,9 @@ from megatron_sapo.models.tiny_vl import TINY_QWEN3_VL_MOE
 
 pytestmark = pytest.mark.unit
 
-# Qwen/Qwen3-VL-30B-A3B-Instruct's config.json (the fields the derivation reads).
-QWEN3_VL_30B_A3B = dict(
-    architectures=["Qwen3VLMoeForConditionalGeneration"], model_type="qwen3_vl_moe",
-    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-    tie_word_embeddings=False,
-    text_config=dict(
-        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
-        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-        decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, max_position_embeddings=262144,
-        rope_parameters=dict(rope_type="default", rope_theta=5000000.0, mrope_section=[24, 20, 20],
-                             mrope_interleaved=True)),
-    vision_config=dict(
-        depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, hidden_act="gelu_pytorch_tanh",
-        in_channels=3, patch_size=16, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=2048,
-        num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
-)
+QWEN3_VL_30B_A3B = json.loads((Path(__file__).parents[2] / "examples" / "qwen3_vl_30b_a3b" / "hf_config.json")
+                              .read_text())
+"""Qwen/Qwen3-VL-30B-A3B-Instruct's config.json (the fields the derivation reads), as shipped."""
 
 
 def test_qwen3_vl_30b_a3b_fields():
