@@ -2,16 +2,21 @@
 
 A step on one GPU is the old-log-prob pass (forward only), then ``train.minibatches`` updates
 (forward and backward of each microbatch, then the optimizer step). The planner takes the
-largest of three moments, in steady state (Adam's state exists from the first optimizer step):
+largest of these moments, in steady state (Adam's state exists from the first optimizer step):
 
 * **loss**: a microbatch's forward is done and its backward starts: every in-flight
   microbatch's saved activations, the logits, their gradient and the log-prob op's fp32 chunks
   (last pipeline stage only);
 * **layer backward**: the saved activations, the recomputed chunk (full recompute) and one
   layer's gradients;
-* **optimizer step**: Adam's temporaries (none for the fused TransformerEngine / Apex Adam;
-  torch's multi-tensor Adam on CUDA one fp32 copy of the group's state; torch's per-tensor
-  Adam on CPU two of the largest tensor's).
+* **old log-probs**: the forward-only pass, one layer's working set and one microbatch's logits
+  (the pass runs its head inside the forward step, ``training/forward.py``);
+* **optimizer step**: Adam's temporaries (none for TransformerEngine's fused Adam, which
+  Megatron uses where TE is installed: the planner assumes it with the TE spec; torch's
+  multi-tensor Adam on CUDA: one fp32 copy of the rank's optimizer state; torch's per-tensor
+  Adam on CPU: two of the largest tensor);
+* **gradient reduce** (CPU only): gloo's reduce-scatter works on a copy of the coalesced fp32
+  gradient buffers (NCCL's is in place).
 
 Always held: the weights, Megatron DDP's fp32 gradient buffer (``grad_reduce_in_fp32``), the
 distributed optimizer's fp32 master weights (bf16 runs) and Adam's two moments, sharded over
@@ -23,7 +28,8 @@ of ``pp`` holds ``pp - s`` microbatches in flight.
 
 Microbatches are sized for the worst case the config allows: a packed token budget ``B`` runs
 one sequence of ``B`` tokens; an unpacked budget ``B // max_seq_len`` rows of
-``max_seq_len``; fixed rows ``micro_batch_size`` rows of ``max_seq_len``.
+``max_seq_len``; fixed rows ``micro_batch_size`` rows of ``max_seq_len``; never more rows than
+the pass has (an update: the replica's rows / ``train.minibatches``).
 """
 
 from __future__ import annotations
@@ -39,7 +45,6 @@ LOGPROB_CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 """The log-prob op's fp32 working chunk (``parallel/vocab_parallel.py``)."""
 BATCH_BYTES_PER_POSITION = 28
 """tokens, targets (int64), loss mask, rollout and old log-probs (fp32)."""
-ADAM_IMPLS = ("fused", "foreach", "per-tensor")
 
 BREAKDOWN_KEYS = ("params", "grads", "optimizer", "activations", "logits", "routes", "batch", "reserve")
 
@@ -171,5 +176,5 @@ def _microbatch_inputs(shape: Shape, te: bool, cfg: RunConfig) -> float:
     return 3 * 8 * shape.tokens + mask
 
 
-__all__ = ["ADAM_IMPLS", "BREAKDOWN_KEYS", "MemoryAssumptions", "StageMemory", "adam_impl", "microbatch_shape",
+__all__ = ["BREAKDOWN_KEYS", "MemoryAssumptions", "StageMemory", "adam_impl", "microbatch_shape",
            "stage_memory"]
