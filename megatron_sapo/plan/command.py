@@ -44,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, list(args.set) + ["train.out_dir=."])
     hardware, notes = hardware_of(args)
+    if cfg.model.transformer_impl == "auto":
+        notes.append('model.transformer_impl = "auto": planning the TransformerEngine spec of a GPU cluster '
+                     '(--set model.transformer_impl="local" plans the local one)')
     plan = plan_run(cfg, hardware, hf_config=args.hf_config, assumptions=_assumptions(args))
     for note in notes:
         print(f"note: {note}")
@@ -108,9 +111,12 @@ def _assumptions(args: argparse.Namespace) -> Assumptions:
 # ---- the check train and the launcher run ----------------------------------------------------
 
 def check_fits(cfg: RunConfig, hardware: Hardware, *, verbose: bool = True) -> Plan:
-    """The plan of ``cfg`` on ``hardware``; a ConfigError naming why when it does not fit,
-    after printing the report to stderr (``verbose``)."""
-    plan = plan_run(cfg, hardware)
+    """The plan of ``cfg`` on ``hardware``, with the layer spec this machine builds; a
+    ConfigError naming why when it does not fit, after printing the report to stderr
+    (``verbose``)."""
+    from megatron_sapo.models import use_transformer_engine
+
+    plan = plan_run(cfg, hardware, te=use_transformer_engine(cfg.model.transformer_impl))
     if not plan.fits:
         if verbose:
             print(report(plan, "the run config"), file=sys.stderr)

@@ -26,7 +26,13 @@ import torch.distributed as dist
 
 from megatron_sapo.config import ConfigError, ParallelConfig, RunConfig
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+
+def dtype_bytes(params_dtype: str) -> int:
+    """Bytes per element of ``model.params_dtype``."""
+    from megatron_sapo.training.setup import PARAMS_DTYPES
+
+    return PARAMS_DTYPES[params_dtype].itemsize
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,8 @@ class StageParams:
     """The stage's parameters in the whole model (over its TP and EP ranks), each counted once."""
     layers: int
     """Decoder layers of the stage."""
-    first: bool
     last: bool
+    """The last stage holds the output layer and computes the logits."""
 
     @property
     def total(self) -> int:
@@ -84,8 +90,8 @@ class Layout:
     stages: list[StageParams]
     total_params: int
     """Parameters of the whole model (all ranks' shares, each counted once)."""
-    hf_config: dict
     hf_config_source: str
+    """Where the model's config.json came from (said in the report)."""
 
     @property
     def text(self):
@@ -144,7 +150,7 @@ def build_layout(cfg: RunConfig, hf_config: dict, source: str, world: int) -> La
     else:
         stages = count_stages(hf_config, source, cfg, world)
     return Layout(parallel=parallel, world=world, dp=dp, edp=edp, spec=spec, stages=stages,
-                  total_params=sum(s.whole_model for s in stages), hf_config=hf_config, hf_config_source=source)
+                  total_params=sum(s.whole_model for s in stages), hf_config_source=source)
 
 
 def count_stages(hf_config: dict, source: str, cfg: RunConfig, world: int) -> list[StageParams]:
@@ -192,7 +198,7 @@ def _stage_params(family, hf_config: dict, cfg: RunConfig, world: int, stage: in
         dist.destroy_process_group()
     layers = spec.config.num_layers // parallel.pp
     return StageParams(stage=stage, dense=dense, expert=expert, largest=largest, whole_model=whole, layers=layers,
-                       first=stage == 0, last=stage == parallel.pp - 1)
+                       last=stage == parallel.pp - 1)
 
 
 def _tp_split_modules() -> tuple[type, ...]:
@@ -219,5 +225,5 @@ def _megatron_groups(parallel: ParallelConfig):
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
-__all__ = ["DTYPE_BYTES", "Hardware", "Layout", "StageParams", "build_layout", "builtin_hf_config", "count_stages",
-           "read_model_config"]
+__all__ = ["Hardware", "Layout", "StageParams", "build_layout", "builtin_hf_config", "count_stages",
+           "dtype_bytes", "read_model_config"]

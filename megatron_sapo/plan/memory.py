@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from megatron_sapo.config import RunConfig
 from megatron_sapo.plan.activations import (FP32, ModelDims, Shape, Split, forward_working_bytes,
                                            score_buffer_bytes, stage_activations)
-from megatron_sapo.plan.layout import DTYPE_BYTES, Layout, StageParams
+from megatron_sapo.plan.layout import Layout, StageParams, dtype_bytes
 
 LOGPROB_CHUNK_BYTES = {"cpu": 64 * 2**20, "cuda": 512 * 2**20}
 """The log-prob op's fp32 working chunk (``parallel/vocab_parallel.py``)."""
@@ -106,7 +106,7 @@ def adam_impl(device: str, te: bool) -> str:
 def stage_memory(cfg: RunConfig, layout: Layout, stage: StageParams, *, te: bool, device: str,
                  assumptions: MemoryAssumptions, replica_rows: int) -> StageMemory:
     """The peak of one GPU of ``stage`` (see the module docstring)."""
-    a = DTYPE_BYTES[cfg.model.params_dtype]
+    a = dtype_bytes(cfg.model.params_dtype)
     dims = ModelDims.of(layout.text)
     parallel = cfg.parallel
     shape = microbatch_shape(cfg, replica_rows // cfg.train.minibatches)  # an update's microbatch

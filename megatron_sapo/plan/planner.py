@@ -88,7 +88,7 @@ def plan_run(cfg: RunConfig, hardware: Hardware, *, hf_config: str | None = None
              assumptions: Assumptions | None = None, device: str = "cuda", te: bool | None = None) -> Plan:
     """Plan ``cfg`` on ``hardware``. ``device``: "cuda" (the cluster) or "cpu" (the CPU tests'
     kernels and no reserve); ``te``: TransformerEngine or the local spec (default: what
-    ``model.transformer_impl`` names, "auto" meaning TE on GPUs)."""
+    ``model.transformer_impl`` names, "auto" meaning TE on GPUs, as a cluster with TE builds)."""
     assumptions = assumptions or Assumptions()
     model_config, source = read_model_config(cfg, hf_config)
     layout = build_layout(cfg, model_config, source, hardware.train_gpus)

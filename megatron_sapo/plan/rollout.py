@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_sapo.plan.layout import DTYPE_BYTES, Hardware, Layout
+from megatron_sapo.plan.layout import Hardware, Layout, dtype_bytes
 
 GIB = 2**30
 
@@ -70,7 +70,7 @@ def plan_rollout(cfg, layout: Layout, hardware: Hardware, assume: RolloutAssumpt
     text = layout.text.config
     tp = cfg.rollout.server_tp
     fraction = _mem_fraction(cfg.rollout.server_args) or assume.mem_fraction_static
-    weights = layout.total_params * DTYPE_BYTES[cfg.model.params_dtype] / tp
+    weights = layout.total_params * dtype_bytes(cfg.model.params_dtype) / tp
     kv_per_token = 2 * text.num_layers * max(1.0, text.num_query_groups / tp) * text.kv_channels * assume.kv_bytes
     gpu = hardware.gpu_memory_gib * GIB
     room = max(0.0, fraction * gpu - weights)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_sapo.plan.layout import DTYPE_BYTES, Hardware, Layout
+from megatron_sapo.plan.layout import Hardware, Layout, dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def plan_timing(cfg, layout: Layout, hardware: Hardware, rollout, assume: Timing
     extra = {"full": forward, "selective": attention}.get(cfg.parallel.recompute, 0.0)
     flops = forward + 3 * forward + extra
     train_s = flops / (hardware.train_gpus * assume.gpu_tflops * 1e12 * assume.mfu)
-    weight_bytes = layout.total_params * DTYPE_BYTES[cfg.model.params_dtype]
+    weight_bytes = layout.total_params * dtype_bytes(cfg.model.params_dtype)
     rollout_s = None
     if rollout is not None and rollout.servers:
         response = max(1.0, m - cfg.data.max_prompt_tokens) if assume.mean_row_tokens else cfg.rollout.max_new_tokens

@@ -141,11 +141,15 @@ def thirty_b_dir(tmp_path):
 
 
 def test_train_refuses_a_plan_that_does_not_fit_the_gpus_it_sees(thirty_b_dir, monkeypatch, capsys):
-    """The GPUs are the one stand-in: a CPU machine has none, so ``local_gpus`` reports 8 of 40 GiB."""
+    """The GPU machine is the one stand-in: a CPU machine has none, so ``local_gpus`` reports 8
+    of 40 GiB and TransformerEngine counts as installed."""
     from megatron_sapo import cli
     from megatron_sapo.plan import command
 
+    import megatron_sapo.models
+
     monkeypatch.setattr(command, "local_gpus", lambda: (8, 40.0, "40 GiB test GPU"))
+    monkeypatch.setattr(megatron_sapo.models, "_transformer_engine_missing", lambda: [])  # with it, TE
     monkeypatch.setenv("WORLD_SIZE", "32")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     monkeypatch.setenv("RANK", "0")
