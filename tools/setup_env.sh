@@ -47,8 +47,13 @@ fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-input)
 constraints=(-c "$repo/requirements/constraints.txt")
 # Some machines' pip configuration names local package folders that may be absent; pip warns
-# once per package about each. Drop those lines, keep every other message and pip's status.
-pip_install() { "${pip[@]}" install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+# once per package about each. Drop those lines, fold pip's expected complaints about sglang's
+# left-out requirements into one note (tools/pip_resolver_notes.awk), keep every other message
+# and pip's status.
+pip_install() {
+  "${pip[@]}" install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" \
+    | awk -f "$repo/tools/pip_resolver_notes.awk" >&2)
+}
 
 log "installing torch 2.13.0"
 pip_install torch==2.13.0
@@ -63,9 +68,17 @@ fi
 log "installing megatron-sapo (editable)"
 pip_install "${constraints[@]}" --no-deps -e "$repo"
 
+# PyPI's torchvision is a CUDA build that fails to import beside CPU torch; this start-up hook
+# makes `import torchvision` (and so transformers' model classes) work in a plain Python of the
+# venv (megatron_sapo/torchvision_compat.py). It runs after the editable install's own .pth.
+site_packages=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+printf '%s\n' 'import importlib.util as _u; _u.find_spec("megatron_sapo") and __import__("megatron_sapo.torchvision_compat").torchvision_compat.install_import_hook()' \
+  > "$site_packages/megatron_sapo_torchvision.pth"
+
 "$venv/bin/python" - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0"), f"torch {torch.__version__} installed; 2.13.0 is required"
+from transformers import Qwen3MoeForCausalLM, Qwen3VLMoeForConditionalGeneration  # noqa: F401  (the hook above)
 PY
 echo "$want_stamp" > "$stamp_file"
 log "ready: $venv"
