@@ -24,6 +24,7 @@ _library = None
 
 def ensure_importable() -> None:
     global _library
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _BeforeTorchvision)]  # done once
     import torch
 
     if _library is not None or "torchvision" in sys.modules or torch.version.cuda is not None:
@@ -41,8 +42,7 @@ class _BeforeTorchvision:
 
     def find_spec(self, name, path=None, target=None):
         if name == "torchvision":
-            sys.meta_path.remove(self)
-            ensure_importable()
+            ensure_importable()  # which removes this hook first
         return None
 
 

@@ -79,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
     if not args.no_plan_check:
         check_plan(cfg)
+    if cfg.model.hf_dir is not None:
+        from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
+
+        HFCheckpoint(cfg.model.hf_dir).check()  # a corrupt file fails here, naming itself
     if any(v in os.environ for v in LAUNCHER_VARIABLES):
         from megatron_sapo.parallel.launch import init_distributed
 

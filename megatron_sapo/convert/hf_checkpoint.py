@@ -27,16 +27,50 @@ DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
+class SafetensorsError(ValueError):
+    """A safetensors file that cannot be read; the message names the file and what is wrong."""
+
+
 def read_header(path: Path) -> tuple[dict, int]:
-    """The safetensors header of ``path`` and the file offset where tensor data starts."""
+    """The safetensors header of ``path`` and the file offset where tensor data starts; a
+    ``SafetensorsError`` naming the file, and the tensor where one is at fault, when the header
+    is truncated, not JSON, or describes tensors the file cannot hold."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its header)")
+            raise SafetensorsError(f"{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header "
+                                   "length)")
         (length,) = struct.unpack("<Q", raw)
-        header = json.loads(f.read(length))
+        if length > size - 8:
+            raise SafetensorsError(f"{path}: corrupt or truncated safetensors header (it claims {length} bytes; "
+                                   f"the file has {size - 8} after the length)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise SafetensorsError(f"{path}: corrupt safetensors header (not JSON: {err})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     header.pop("__metadata__", None)
+    data_bytes = size - 8 - length
+    for name, info in header.items():
+        _check_entry(path, name, info, data_bytes)
     return header, 8 + length
+
+
+def _check_entry(path: Path, name: str, info, data_bytes: int) -> None:
+    try:
+        dtype = DTYPES[info["dtype"]]
+        shape = [int(n) for n in info["shape"]]
+        begin, end = (int(n) for n in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise SafetensorsError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+    numel = 1
+    for n in shape:
+        numel *= n
+    if not 0 <= begin <= end <= data_bytes or end - begin != numel * dtype.itemsize:
+        raise SafetensorsError(f"{path}: tensor {name!r} ({info['dtype']} {shape}) has data offsets {[begin, end]} "
+                               f"that do not fit its size or the file's {data_bytes} data bytes (truncated file?)")
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
@@ -73,6 +107,13 @@ class HFCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
+    def check(self) -> None:
+        """Read every file's header now: a corrupt or truncated file fails here, naming itself,
+        before a command starts any work (``SafetensorsError``)."""
+        for path in sorted(set(self.files.values())):
+            if path not in self._headers:
+                self._headers[path] = read_header(path)
+
     def shape(self, name: str) -> tuple[int, ...]:
         """The stored shape of ``name``, from the file's header (no tensor data is read)."""
         return tuple(self._entry(name)[1]["shape"])
@@ -84,7 +125,7 @@ class HFCheckpoint:
         with open(path, "rb") as f:
             f.seek(data_start + begin)
             if f.readinto(buffer) != len(buffer):
-                raise ValueError(f"{path}: tensor {name!r} is truncated")
+                raise SafetensorsError(f"{path}: tensor {name!r} is truncated")
         if not buffer:
             return torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
         return torch.frombuffer(buffer, dtype=DTYPES[info["dtype"]]).reshape(info["shape"])

@@ -29,6 +29,7 @@ from megatron_sapo import torchvision_compat
 from megatron_sapo.config import ParallelConfig
 from megatron_sapo.convert import mcore_checkpoint
 from megatron_sapo.convert.commands import DTYPES, add_layout_args, add_transformer_impl_arg, transformer_engine_of
+from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
 from megatron_sapo.models import model_family, read_hf_config
 from megatron_sapo.parallel.collectives import all_gather_cat
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
@@ -62,6 +63,7 @@ def parity(args: argparse.Namespace) -> int:
     hf_dir, ckpt = Path(args.hf), Path(args.mcore)
     hf_config = read_hf_config(hf_dir)
     family = model_family(hf_config, str(hf_dir / "config.json"))
+    HFCheckpoint(hf_dir).check()  # a corrupt file: one line naming it, not transformers' traceback
     differ = mcore_checkpoint.config_differences(mcore_checkpoint.read_hf_config(ckpt), hf_config)
     if differ:
         print(f"warning: {ckpt}/{mcore_checkpoint.HF_CONFIG_FILE} differs from {hf_dir}/config.json in "

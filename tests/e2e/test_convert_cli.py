@@ -90,6 +90,34 @@ def test_errors_name_the_problem(hf_dir, tmp_path):
         assert not (tmp_path / "o4").exists()
 
 
+@pytest.mark.parametrize("damage", ["header length", "header json", "truncated data"])
+def test_a_corrupt_safetensors_file_is_one_line_naming_it(hf_dir, tmp_path, damage):
+    """In each command that reads an HF checkpoint: convert, parity, and the loader train uses."""
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_dir, broken)
+    path = broken / "model.safetensors"
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    if damage == "header length":
+        data = (2**63).to_bytes(8, "little") + data[8:]  # used to be an OverflowError traceback
+        expected = "corrupt or truncated safetensors header"
+    elif damage == "header json":
+        data = data[:8] + b"{not json" + data[17:]
+        expected = "corrupt safetensors header (not JSON"
+    else:
+        data = data[:8 + length + 100]
+        expected = "do not fit its size or the file's 100 data bytes"
+    path.write_bytes(data)
+    for args in (["convert", "hf-to-mcore", "--hf", str(broken), "--out", str(tmp_path / "out")],
+                 ["parity", "--hf", str(broken), "--mcore", str(tmp_path / "unused")]):
+        proc = run(*args, ok=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and str(path) in last and expected in last, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
+        HFCheckpoint(broken).get(HFCheckpoint(hf_dir).names()[0])
+
+
 @pytest.fixture(scope="module")
 def vl_dir(tmp_path_factory):
     from megatron_sapo.models.tiny_vl import save_tiny_qwen3_vl_moe

@@ -163,7 +163,7 @@ def test_train_refuses_a_plan_that_does_not_fit_the_gpus_it_sees(thirty_b_dir, m
     assert not (thirty_b_dir / "run").exists()  # refused before anything started
 
 
-def test_train_checks_only_on_gpu_machines_and_not_with_no_plan_check(thirty_b_dir, monkeypatch):
+def test_train_checks_only_on_gpu_machines_and_not_with_no_plan_check(thirty_b_dir, tmp_path, monkeypatch):
     from megatron_sapo import train_command
     from megatron_sapo.parallel import spawn
     from megatron_sapo.plan import command
@@ -173,8 +173,7 @@ def test_train_checks_only_on_gpu_machines_and_not_with_no_plan_check(thirty_b_d
     monkeypatch.setattr(spawn, "spawn", lambda *a, **k: None)  # the run itself is not under test here
     parser = __import__("argparse").ArgumentParser()
     train_command.register(parser.add_subparsers())
-    base = ["train", str(TEXT / "sapo.toml"), "--output", str(thirty_b_dir / "run"), "--set",
-            f"model.hf_dir={thirty_b_dir}"]
+    base = ["train", str(REPO / "examples" / "tiny_cpu" / "sapo.toml"), "--output", str(tmp_path / "run")]
     for name in train_command.LAUNCHER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     assert train_command.run(parser.parse_args(base)) == 0 and len(checked) == 1
