@@ -220,14 +220,17 @@ def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | N
     """
     grids = iter([] if image_grid_thw is None else image_grid_thw.tolist())
     batch, seq = input_ids.shape
+    ids_BS = input_ids.cpu()
     positions = torch.empty(3, batch, seq, dtype=torch.long)
-    for row, ids in enumerate(input_ids.tolist()):
-        start, i = 0, 0
+    for row in range(batch):
+        is_image_S = ids_BS[row] == image_token_id
+        # How far each token moves the position: 1 for text; an image, as a whole, max(h, w) / m
+        # (put on its last placeholder). A token's start is the sum over the tokens before it.
+        step_S = (~is_image_S).long()
+        images = []  # (first placeholder, count, merged grid)
+        image_starts = is_image_S.nonzero().flatten().tolist()
+        i = image_starts[0] if image_starts else seq
         while i < seq:
-            if ids[i] != image_token_id:
-                positions[:, row, i] = start
-                start, i = start + 1, i + 1
-                continue
             try:
                 t, h, w = next(grids)
             except StopIteration:
@@ -235,12 +238,18 @@ def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | N
                                  "image left") from None
             gh, gw = h // spatial_merge_size, w // spatial_merge_size
             count = t * gh * gw
-            if ids[i:i + count] != [image_token_id] * count:
+            if i + count > seq or not bool(is_image_S[i:i + count].all()):
                 raise ValueError(f"row {row}: the image at position {i} has grid {[t, h, w]}, i.e. {count} "
                                  "placeholder tokens, but fewer follow")
+            images.append((i, count, (t, gh, gw)))
+            step_S[i + count - 1] += max(gh, gw)
+            later = is_image_S[i + count:].nonzero()
+            i = i + count + int(later[0]) if len(later) else seq
+        start_S = step_S.cumsum(0) - step_S
+        positions[:, row] = start_S
+        for i, count, (t, gh, gw) in images:
             frame, r, c = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
-            positions[:, row, i:i + count] = start + torch.stack([frame, r, c]).reshape(3, -1)
-            start, i = start + max(gh, gw), i + count
+            positions[:, row, i:i + count] = start_S[i] + torch.stack([frame, r, c]).reshape(3, -1)
     if next(grids, None) is not None:
         raise ValueError("image_grid_thw lists more images than the tokens hold")
     return positions.to(input_ids.device)

@@ -148,3 +148,42 @@ def test_attention_stays_within_each_frame():
     assert allowed.shape == (8, 8)
     assert allowed[:4, :4].all() and allowed[4:6, 4:6].all() and allowed[6:, 6:].all()
     assert int(allowed.sum()) == 16 + 4 + 4
+
+
+def _mrope_per_token(ids: list[int], grids: list[list[int]], merge: int = 2) -> torch.Tensor:
+    """The positions one token at a time, as the model code computed them before it used
+    tensor operations: the reference for long rows and adjacent images."""
+    out, start, i, grids = torch.empty(3, len(ids), dtype=torch.long), 0, 0, iter(grids)
+    while i < len(ids):
+        if ids[i] != IMAGE:
+            out[:, i], start, i = start, start + 1, i + 1
+            continue
+        t, h, w = next(grids)
+        gh, gw = h // merge, w // merge
+        frame, r, c = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+        out[:, i:i + t * gh * gw] = start + torch.stack([frame, r, c]).reshape(3, -1)
+        start, i = start + max(gh, gw), i + t * gh * gw
+    return out
+
+
+def test_mrope_positions_of_long_rows_and_adjacent_images_match_the_per_token_reference():
+    g = torch.Generator().manual_seed(0)
+    rows, all_grids = [], []
+    for _ in range(3):
+        row, grids = [], []
+        for _ in range(6):
+            text = torch.randint(0, 1000, (int(torch.randint(0, 3000, (1,), generator=g)),), generator=g)
+            row += [token for token in text.tolist() if token != IMAGE]
+            for _ in range(int(torch.randint(1, 3, (1,), generator=g))):  # one image, or two back to back
+                grid = [int(torch.randint(1, 3, (1,), generator=g)), 2 * int(torch.randint(1, 6, (1,), generator=g)),
+                        2 * int(torch.randint(1, 6, (1,), generator=g))]
+                row += placeholders(*grid)
+                grids.append(grid)
+        rows.append(row)
+        all_grids.append(grids)
+    width = max(map(len, rows))
+    padded = [row + [0] * (width - len(row)) for row in rows]
+    ours = qwen3_vl.mrope_position_ids(torch.tensor(padded), torch.tensor([g for gs in all_grids for g in gs]),
+                                       image_token_id=IMAGE, spatial_merge_size=2)
+    for b, (row, grids) in enumerate(zip(padded, all_grids)):
+        assert torch.equal(ours[:, b], _mrope_per_token(row, grids))
