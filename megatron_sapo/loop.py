@@ -393,10 +393,11 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     from megatron_sapo.data.datasets import PromptSampler, load_split
     from megatron_sapo.data.rewards import RewardScorer, get_reward
     from megatron_sapo.data.synthetic import get_task
+    from megatron_sapo.parallel.ports import free_port
     from megatron_sapo.rollout.manager import ServerManager
     from megatron_sapo.rollout.server import ServerOptions
     from megatron_sapo.run_log import RunLog
-    from megatron_sapo.training.setup import SERVED_DTYPES, free_port
+    from megatron_sapo.training.setup import SERVED_DTYPES
     from megatron_sapo import torchvision_compat
 
     torchvision_compat.ensure_importable()

@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Literal
 
+from megatron_sapo.parallel.ports import free_port
+
 Launcher = Literal["torchrun", "slurm", "mpi"]
 LAUNCHERS: tuple[str, ...] = ("torchrun", "slurm", "mpi")
 LAUNCHER_ENV = "MEGATRON_SAPO_LAUNCHER"
@@ -310,7 +312,7 @@ def _from_mpi(env: Mapping[str, str]) -> LaunchInfo:
     problems = world_comm.allgather(_mpi_disagreement(env, rank, world, local_rank))
     master = None
     if rank == 0:
-        master = (env.get("MASTER_ADDR") or socket.gethostname(), env.get("MASTER_PORT") or _free_port())
+        master = (env.get("MASTER_ADDR") or socket.gethostname(), env.get("MASTER_PORT") or free_port(host=""))
     master_addr, master_port = world_comm.bcast(master, root=0)
     for where, problem in enumerate(problems):
         if problem:
@@ -336,14 +338,6 @@ def _mpi_disagreement(env: Mapping[str, str], rank: int, world: int, local_rank:
     except LaunchError as err:
         return str(err)
     return None
-
-
-def _free_port() -> int:
-    # The port is released before torch's store binds it; another process could take it in
-    # between, which on a node of the job is unlikely enough not to warrant a retry protocol.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,8 +8,6 @@ batch to the other ranks; every rank owns its part of the model.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,19 +107,3 @@ def megatron_weights(load_dir: str, hf_config: dict, hf_dir: Path) -> Path:
             raise ValueError(f"checkpoint.load_dir = {load_dir}: its model differs from {hf_dir}/config.json in "
                              + ", ".join(differ[:5]) + (" ..." if len(differ) > 5 else ""))
     return path
-
-
-def free_port(first: int = 20000, last: int = 32767) -> int:
-    """A port that is free now, below Linux's ephemeral range (32768+): the server binds it only
-    after start-up, and a port from the ephemeral range could meanwhile be handed to any
-    outgoing connection on the machine."""
-    start = first + os.getpid() % (last - first)
-    for offset in range(last - first):
-        port = first + (start - first + offset) % (last - first)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {first}-{last}")

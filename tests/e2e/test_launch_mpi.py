@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from megatron_sapo.parallel.launch import SLURM_PORT_BASE, SLURM_PORT_SPAN
+from megatron_sapo.parallel.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -76,14 +77,7 @@ def test_mpirun_port_set_on_rank_0_only_reaches_rank_1(tmp_path):
 
 
 def free_port_in_slurm_range() -> int:
-    for port in range(SLURM_PORT_BASE + 4242, SLURM_PORT_BASE + SLURM_PORT_SPAN):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    pytest.fail("no free port in the range Slurm job ids map to")
+    return free_port(SLURM_PORT_BASE + 4242, SLURM_PORT_BASE + SLURM_PORT_SPAN)
 
 
 def test_simulated_srun_step_of_two_tasks(tmp_path):

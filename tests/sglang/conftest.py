@@ -7,23 +7,25 @@ layers (see megatron_sapo.rollout.server.check_servable). Tests that change the 
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_sapo.models.tiny import save_tiny_qwen3_moe
+from megatron_sapo.parallel.ports import free_port
 from megatron_sapo.rollout.manager import ServerManager
 from megatron_sapo.rollout.server import ServerOptions
 
-pytestmark = pytest.mark.sglang
+HERE = Path(__file__).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def pytest_collection_modifyitems(config, items):
+    """Every test in this folder starts or uses a real SGLang server (a conftest's pytestmark
+    would mark nothing)."""
+    for item in items:
+        if item.path.is_relative_to(HERE):
+            item.add_marker(pytest.mark.sglang)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import requests
 
 from megatron_sapo.rollout.client import RolloutClient, SamplingParams
 from megatron_sapo.types import Prompt
-from conftest import free_port
+from megatron_sapo.parallel.ports import free_port
 from sglang_reference import hf_greedy
 
 pytestmark = pytest.mark.sglang

@@ -9,7 +9,6 @@ log-probs, greedy tokens and the router's top-k.
 from __future__ import annotations
 
 import base64
-import socket
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from megatron_sapo.rollout.client import (RolloutClient, RolloutError, RoutedExp
                                           collapse_image_runs, image_data_uri)
 from megatron_sapo.rollout.manager import ServerManager
 from megatron_sapo.rollout.server import ServerOptions
+from megatron_sapo.parallel.ports import free_port
 from megatron_sapo.types import Prompt
 from vl_fixtures import hf_reference, image_prompt
 
@@ -30,12 +30,6 @@ pytestmark = pytest.mark.sglang
 TEXT_LAYERS, TOP_K = 6, 2
 LOGPROB_TOL = 1e-3
 """fp32 on both sides; measured below 1e-6 (the bf16 prototype was within 4e-3)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from megatron_sapo.rollout.manager import ServerManager
 from megatron_sapo.rollout.server import ServerOptions
 from megatron_sapo.rollout.weight_sync import ServerEndpoint, WeightSync
 from megatron_sapo.types import Prompt, Sample
-from conftest import free_port
+from megatron_sapo.parallel.ports import free_port
 from vl_fixtures import hf_reference, image_prompt
 
 pytestmark = pytest.mark.sglang

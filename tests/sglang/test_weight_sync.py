@@ -26,7 +26,7 @@ from megatron_sapo.parallel.vocab_parallel import vocab_parallel_logprobs
 from megatron_sapo.rollout.weight_sync import ServerEndpoint, WeightSync
 from megatron_sapo.training.forward import forward_logits
 from sglang_reference import hf_greedy
-from conftest import free_port
+from megatron_sapo.parallel.ports import free_port
 
 pytestmark = pytest.mark.sglang
 
