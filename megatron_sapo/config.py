@@ -558,13 +558,10 @@ class LoggingConfig:
     """Write TensorBoard events under <out_dir>/tensorboard."""
     histogram_every: int = 10
     """Log histograms of token ratios and gate diagnostics every this many steps (0: never)."""
-    console_every: int = 1
-    """Print a one-line summary every this many steps."""
 
     def __post_init__(self) -> None:
         _check_bool("logging.tensorboard", self.tensorboard)
         _check_int("logging.histogram_every", self.histogram_every, 0)
-        _check_int("logging.console_every", self.console_every, 1)
 
 
 @dataclass(kw_only=True)
@@ -593,6 +590,9 @@ class RunConfig:
             raise ConfigError(
                 f"rollout.prompts_per_step * rollout.group_size = {samples} is not divisible by "
                 f"train.minibatches = {minibatches}")
+        if self.loss.kl_coef > 0:
+            raise ConfigError(f"loss.kl_coef = {self.loss.kl_coef}: the trainer computes no reference-policy "
+                              "log-probs, which the KL term needs; set loss.kl_coef = 0")
         if self.train.routing_replay != "none" and not self.router.routing_replay:
             raise ConfigError(f"train.routing_replay = {self.train.routing_replay!r} needs router.routing_replay = true")
         longest = self.data.max_prompt_tokens + max(self.rollout.max_new_tokens, self.eval.max_new_tokens or 0)

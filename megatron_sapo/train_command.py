@@ -53,24 +53,30 @@ def resolve(args: argparse.Namespace) -> tuple[RunConfig, Path]:
 
 def check_plan(cfg: RunConfig) -> None:
     """On a GPU machine, refuse a run whose plan does not fit these GPUs (``plan/command.py``),
-    before any process group, model or server starts. The job's size is the launcher's
-    (WORLD_SIZE and LOCAL_WORLD_SIZE, or SLURM's task counts), else the ranks this command
-    would start. Every rank plans; rank 0 prints the breakdown."""
+    before any process group, model or server starts. The job is the launcher's (its world and
+    ranks per host, read as ``init_distributed`` reads them), else the ranks this command would
+    start on this machine. Every rank plans; rank 0 prints the breakdown."""
     from megatron_sapo.plan.command import check_fits, local_gpus
     from megatron_sapo.plan.layout import Hardware
 
     local = local_gpus()
     if local is None:  # a CPU machine: no GPU memory to hold the plan to
         return
-    from megatron_sapo.parallel.spawn import world_size_for
+    if any(v in os.environ for v in LAUNCHER_VARIABLES):
+        from megatron_sapo.parallel.launch import detect_launch
 
-    env = os.environ
-    world = int(env.get("WORLD_SIZE") or env.get("SLURM_NTASKS") or 0) or world_size_for(cfg.parallel)
-    per_node = int(env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or 0) or world
-    count, memory, name = local
-    hardware = Hardware(nodes=-(-world // per_node), gpus_per_node=min(per_node, world), gpu_memory_gib=memory,
-                        memory_source=f"this machine's {name}")
-    check_fits(cfg, hardware, verbose=int(env.get("RANK", "0")) == 0)
+        launch = detect_launch()
+        rank, world, per_host = launch.rank, launch.world_size, launch.local_world_size
+    else:
+        from megatron_sapo.parallel.spawn import world_size_for
+
+        rank, world = 0, world_size_for(cfg.parallel)
+        per_host = world
+    # Hosts of equal size when they divide the world; the plan needs only the world's size.
+    nodes, per_node = (world // per_host, per_host) if world % per_host == 0 else (1, world)
+    hardware = Hardware(nodes=nodes, gpus_per_node=per_node, gpu_memory_gib=local[1],
+                        memory_source=f"this machine's {local[2]}")
+    check_fits(cfg, hardware, verbose=rank == 0)
 
 
 def run(args: argparse.Namespace) -> int:

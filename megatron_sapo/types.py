@@ -125,18 +125,6 @@ class Group:
 
 
 @dataclass
-class RolloutBatch:
-    """All groups of one RL step."""
-
-    groups: list[Group]
-    weight_version: str | None = None
-
-    @property
-    def samples(self) -> list[Sample]:
-        return [s for g in self.groups for s in g.samples]
-
-
-@dataclass
 class TrainBatch:
     """Padded tensors for the trainer; row ``i`` is sample ``i`` of the rows this rank trains.
 

@@ -177,11 +177,14 @@ check_memory_plan() {
     return
   fi
   log "checking the memory plan ($ATTEMPT_DIR/memory_plan.txt)"
-  if ! "${cmd[@]}" > "$ATTEMPT_DIR/memory_plan.txt" 2>&1; then
-    grep -v '^{' "$ATTEMPT_DIR/memory_plan.txt" >&2
-    die "the run does not fit its GPUs (breakdown above; PLAN_CHECK=0 skips this check)"
+  local rc=0
+  "${cmd[@]}" > "$ATTEMPT_DIR/memory_plan.txt" 2>&1 || rc=$?
+  if (( rc )); then
+    grep -v '^{' "$ATTEMPT_DIR/memory_plan.txt" >&2 || true
+    (( rc == 1 )) && die "the run does not fit its GPUs (breakdown above; PLAN_CHECK=0 skips this check)"
+    die "megatron-sapo plan failed with status $rc (above); PLAN_CHECK=0 skips the check"
   fi
-  log "$(grep -m1 '^  total' "$ATTEMPT_DIR/memory_plan.txt" | sed 's/^ *//')"
+  log "$(grep -m1 '^  total' "$ATTEMPT_DIR/memory_plan.txt" | sed 's/^ *//' || true)"
 }
 
 convert_checkpoint() {

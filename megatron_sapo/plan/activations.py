@@ -36,7 +36,8 @@ those modules save, not measured here):
     Q/K-norms                                    2 a n (q + kv)
     flash attention q, k, v, output, LSE         a n (2 q + 2 kv) + 4 n heads
     pre-MLP norm, router                         2 a n_s h + 4 n_s + n_s (20 k + 5 E)
-    grouped experts                              a r h + r (3 a f + 4)
+    grouped experts                              a r h + r (6 a f + 4)  (the spec leaves Megatron's
+                                                 ``bias_activation_fusion`` off: SwiGLU unfused, as local)
 
 **Recompute**: "full" keeps each recomputed chunk's input (``a n_s h``) instead of its layers'
 activations; in backward one chunk is rebuilt at a time. "selective" drops the probabilities
@@ -133,7 +134,7 @@ def layer_bytes(dims: ModelDims, shape: Shape, split: Split, moe: bool, *, selec
     if moe:
         routed = n_s * dims.topk * split.expert_load
         f = dims.expert_width / split.etp
-        per_token = (3 if split.te else 6) * a * f + FP32
+        per_token = 6 * a * f + FP32
         items["experts"] = a * routed * h + routed * per_token
     else:
         items["dense mlp"] = (0 if split.te else a * n_s * h) + 6 * a * n * dims.dense_width / t

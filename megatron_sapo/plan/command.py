@@ -44,10 +44,15 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, list(args.set) + ["train.out_dir=."])
     hardware, notes = hardware_of(args)
-    if cfg.model.transformer_impl == "auto":
+    te = None  # what the config names, "auto" meaning TE: planning a GPU cluster from anywhere
+    if local_gpus() is not None:  # on a GPU machine (the launcher's check): the spec this machine builds
+        from megatron_sapo.models import use_transformer_engine
+
+        te = use_transformer_engine(cfg.model.transformer_impl)
+    elif cfg.model.transformer_impl == "auto":
         notes.append('model.transformer_impl = "auto": planning the TransformerEngine spec of a GPU cluster '
                      '(--set model.transformer_impl="local" plans the local one)')
-    plan = plan_run(cfg, hardware, hf_config=args.hf_config, assumptions=_assumptions(args))
+    plan = plan_run(cfg, hardware, hf_config=args.hf_config, assumptions=_assumptions(args), te=te)
     for note in notes:
         print(f"note: {note}")
     print(report(plan, args.config))
@@ -169,15 +174,13 @@ def report(plan: Plan, config_name: str) -> str:
         lines.append("  activations kept per microbatch in flight: "
                      + ", ".join(f"{k} {_gib(v)}" for k, v in worst.activation_items.items()))
     r = plan.rollout
-    if r is not None:
-        lines.append(f"rollout: {r.servers} SGLang server(s) of TP{r.server_tp}: weights "
-                     f"{_gib(r.weight_bytes_per_gpu)} per GPU, KV {r.kv_bytes_per_token_per_gpu / 1024:.1f} KiB per token per GPU, "
-                     f"{r.kv_tokens / 1e6:.2f} M KV tokens = {r.sequences} sequences of train.max_seq_len per server"
-                     f" (mem_fraction_static {r.mem_fraction_static})")
+    lines.append(f"rollout: {r.servers} SGLang server(s) of TP{r.server_tp}: weights {_gib(r.weight_bytes_per_gpu)} "
+                 f"per GPU, KV {r.kv_bytes_per_token_per_gpu / 1024:.1f} KiB per token per GPU, "
+                 f"{r.kv_tokens / 1e6:.2f} M KV tokens = {r.sequences} sequences of train.max_seq_len per server "
+                 f"(mem_fraction_static {r.mem_fraction_static})")
     t = plan.timing
-    rollout_s = f"{t.rollout_s:.0f} s" if t.rollout_s is not None else "n/a (no servers)"
     lines.append(f"step: {t.tokens_per_step / 1e6:.2f} M tokens, {t.train_flops_per_step:.3g} training FLOPs -> "
-                 f"train {t.train_s:.0f} s, rollout {rollout_s}, weight sync {t.sync_s:.1f} s: about {t.step_s:.0f} s")
+                 f"train {t.train_s:.0f} s, rollout {t.rollout_s:.0f} s, weight sync {t.sync_s:.1f} s: about {t.step_s:.0f} s")
     lines.append("assumptions: " + ", ".join(f"{k}={'train.max_seq_len' if v is None else v}"
                                              for k, v in plan.assumptions.flat().items()))
     for reason in plan.reasons():
@@ -207,10 +210,10 @@ def summary(plan: Plan) -> dict:
         "tokens_per_step": t.tokens_per_step,
         "train_flops_per_step": t.train_flops_per_step,
         "train_s_estimate": round(t.train_s, 1),
-        "rollout_s_estimate": None if t.rollout_s is None else round(t.rollout_s, 1),
+        "rollout_s_estimate": round(t.rollout_s, 1),
         "sync_s_estimate": round(t.sync_s, 2),
         "step_s_estimate": round(t.step_s, 1),
-        "rollout": None if r is None else {
+        "rollout": {
             "servers": r.servers, "server_tp": r.server_tp,
             "weights_gib_per_gpu": round(r.weight_bytes_per_gpu / GIB, 3),
             "kv_tokens": int(r.kv_tokens), "sequences": r.sequences, "fits": r.fits},

@@ -13,8 +13,8 @@ largest of these moments, in steady state (Adam's state exists from the first op
   (the pass runs its head inside the forward step, ``training/forward.py``);
 * **optimizer step**: Adam's temporaries (none for TransformerEngine's fused Adam, which
   Megatron uses where TE is installed: the planner assumes it with the TE spec; torch's
-  multi-tensor Adam on CUDA: one fp32 copy of the rank's optimizer state; torch's per-tensor
-  Adam on CPU: two of the largest tensor);
+  multi-tensor Adam on CUDA: one fp32 copy of the rank's share of the parameters; torch's
+  per-tensor Adam on CPU: two fp32 copies of the largest tensor);
 * **gradient reduce** (CPU only): gloo's reduce-scatter works on a copy of the coalesced fp32
   gradient buffers (NCCL's is in place).
 
@@ -130,7 +130,7 @@ def stage_memory(cfg: RunConfig, layout: Layout, stage: StageParams, *, te: bool
         "batch": replica_rows * cfg.train.max_seq_len * BATCH_BYTES_PER_POSITION,
         "activations": max(score_buffer_bytes(dims, s, split) for s in (shape, pass_shape)),
     }
-    running = {"activations": in_flight * acts.saved, "routes": _route_bytes(cfg, dims, shape, stage.layers),
+    running = {"activations": in_flight * acts.saved, "routes": _route_bytes(cfg, dims, shape),
                "batch": _microbatch_inputs(shape, te, cfg)}
     # What each moment adds to the static memory; the largest sets the peak.
     moments = {"layer backward": {**running, "activations": running["activations"] + acts.rebuilt}}
@@ -141,6 +141,7 @@ def stage_memory(cfg: RunConfig, layout: Layout, stage: StageParams, *, te: bool
         pass_tokens = pass_shape.tokens
         moments["old log-probs"] = {
             "batch": _microbatch_inputs(pass_shape, te, cfg),
+            "routes": _route_bytes(cfg, dims, pass_shape),
             "activations": forward_working_bytes(dims, pass_shape, split),
             "logits": a * pass_tokens * vocab_shard + 2 * min(pass_tokens * vocab_shard * FP32,
                                                               LOGPROB_CHUNK_BYTES[device])}
@@ -161,12 +162,14 @@ def stage_memory(cfg: RunConfig, layout: Layout, stage: StageParams, *, te: bool
                        activation_items={k: in_flight * v for k, v in acts.items.items()})
 
 
-def _route_bytes(cfg: RunConfig, dims: ModelDims, shape: Shape, layers: int) -> float:
-    """The running microbatch's replayed routes on the GPU (int64, ``[n, layers, top-k]``);
-    a replica's routes otherwise wait in host memory (uint8)."""
+def _route_bytes(cfg: RunConfig, dims: ModelDims, shape: Shape) -> float:
+    """The running microbatch's replayed routes on the GPU: int64 ``[n, MoE layers of the whole
+    model, top-k]`` (``training/microbatch.py``), and the replay's working copies of them (sorted
+    values, indices, the selection: four in all); a replica's routes otherwise wait in host
+    memory (uint8)."""
     if cfg.train.routing_replay == "none":
         return 0.0
-    return 8.0 * shape.tokens * layers * dims.topk
+    return 4 * 8.0 * shape.tokens * sum(dims.moe_layers) * dims.topk
 
 
 def _microbatch_inputs(shape: Shape, te: bool, cfg: RunConfig) -> float:

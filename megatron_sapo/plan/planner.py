@@ -58,7 +58,7 @@ class Plan:
     stages: list[StageMemory]
     budget_bytes: float
     budget_note: str
-    rollout: RolloutPlan | None
+    rollout: RolloutPlan
     timing: TimingPlan
     assumptions: Assumptions
 
@@ -68,7 +68,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.fullest.peak <= self.budget_bytes and (self.rollout is None or self.rollout.fits)
+        return self.fullest.peak <= self.budget_bytes and self.rollout.fits
 
     def reasons(self) -> list[str]:
         """Why it does not fit (empty when it does)."""
@@ -79,7 +79,7 @@ class Plan:
             out.append(f"training GPU of pipeline stage {worst.stage} needs {worst.peak / GIB:.1f} GiB at the "
                        f"{worst.moment} moment, over its {self.budget_bytes / GIB:.1f} GiB; largest item: "
                        f"{largest} {worst.breakdown[largest] / GIB:.1f} GiB")
-        if self.rollout is not None and not self.rollout.fits:
+        if not self.rollout.fits:
             out.append(self.rollout.reason)
         return out
 
@@ -100,7 +100,7 @@ def plan_run(cfg: RunConfig, hardware: Hardware, *, hf_config: str | None = None
                            replica_rows=replica_rows) for stage in layout.stages]
     budget, note = hardware.gpu_memory_gib * GIB, f"GPU memory ({hardware.memory_source})"
     rollout = plan_rollout(cfg, layout, hardware, assumptions.rollout)
-    if cfg.rollout.mode == "colocated" and not cfg.rollout.release_memory_during_train and rollout is not None:
+    if cfg.rollout.mode == "colocated" and not cfg.rollout.release_memory_during_train:
         budget -= rollout.server_bytes_per_gpu
         note += f", less the colocated server's {rollout.server_bytes_per_gpu / GIB:.1f} GiB (it keeps its memory)"
     timing = plan_timing(cfg, layout, hardware, rollout, assumptions.timing)

@@ -46,15 +46,14 @@ class TimingAssumptions:
 @dataclass(frozen=True)
 class TimingPlan:
     tokens_per_step: float
-    active_params: float
     train_flops_per_step: float
     train_s: float
-    rollout_s: float | None
+    rollout_s: float
     sync_s: float
 
     @property
     def step_s(self) -> float:
-        return self.train_s + self.sync_s + (self.rollout_s or 0.0)
+        return self.train_s + self.sync_s + self.rollout_s
 
 
 def active_params(text_spec) -> float:
@@ -82,15 +81,13 @@ def plan_timing(cfg, layout: Layout, hardware: Hardware, rollout, assume: Timing
     flops = forward + 3 * forward + extra
     train_s = flops / (hardware.train_gpus * assume.gpu_tflops * 1e12 * assume.mfu)
     weight_bytes = layout.total_params * dtype_bytes(cfg.model.params_dtype)
-    rollout_s = None
-    if rollout is not None and rollout.servers:
-        response = max(1.0, m - cfg.data.max_prompt_tokens) if assume.mean_row_tokens else cfg.rollout.max_new_tokens
-        per_server = math.ceil(rows / rollout.servers)
-        concurrent = max(1, min(per_server, int(rollout.kv_tokens // m)))
-        read = rollout.weight_bytes_per_gpu + concurrent * m / 2 * rollout.kv_bytes_per_token_per_gpu
-        decode_step = read / (assume.hbm_tbps * 1e12 * assume.decode_efficiency)
-        rollout_s = max(cfg.rollout.max_new_tokens, per_server * response / concurrent) * decode_step
-    return TimingPlan(tokens_per_step=rows * m, active_params=n_active, train_flops_per_step=flops, train_s=train_s,
+    response = max(1.0, m - cfg.data.max_prompt_tokens) if assume.mean_row_tokens else cfg.rollout.max_new_tokens
+    per_server = math.ceil(rows / rollout.servers)
+    concurrent = max(1, min(per_server, int(rollout.kv_tokens // m)))
+    read = rollout.weight_bytes_per_gpu + concurrent * m / 2 * rollout.kv_bytes_per_token_per_gpu
+    decode_step = read / (assume.hbm_tbps * 1e12 * assume.decode_efficiency)
+    rollout_s = max(cfg.rollout.max_new_tokens, per_server * response / concurrent) * decode_step
+    return TimingPlan(tokens_per_step=rows * m, train_flops_per_step=flops, train_s=train_s,
                       rollout_s=rollout_s, sync_s=weight_bytes / (assume.network_gbps * 1e9))
 
 

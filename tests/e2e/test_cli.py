@@ -55,8 +55,7 @@ def test_plan_prints_the_breakdown_then_one_json_line(script):
     assert summary["fits"] is True and summary["budget_gib"] == 79.2
     assert set(summary["breakdown"]) == {"params", "grads", "optimizer", "activations", "logits", "routes", "batch",
                                          "reserve"}
-    assert summary["peak_gib_per_gpu"] == round(sum(summary["breakdown"].values()), 3) or \
-        abs(summary["peak_gib_per_gpu"] - sum(summary["breakdown"].values())) < 0.01
+    assert abs(summary["peak_gib_per_gpu"] - sum(summary["breakdown"].values())) < 0.01
     assert summary["assumptions"]["mfu"] == 0.3 and summary["tokens_per_step"] == 1024 * 18432
     assert summary["train_flops_per_step"] > 1e18 and summary["step_s_estimate"] > 0
 

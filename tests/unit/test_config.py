@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from megatron_sapo.config import ConfigError, LossConfig
@@ -34,3 +36,11 @@ def test_clip_ranges_default_per_algorithm_and_can_be_overridden():
 def test_bad_values_name_the_key(changes, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         LossConfig(**changes)
+
+
+def test_a_kl_term_is_refused_when_the_config_loads():
+    """The trainer computes no reference-policy log-probs: say so before anything starts."""
+    from megatron_sapo.config_file import load_config
+
+    with pytest.raises(ConfigError, match=r"loss.kl_coef = 0.1: the trainer computes no reference-policy log-probs"):
+        load_config(Path(__file__).parents[2] / "examples" / "tiny_cpu" / "sapo.toml", ["loss.kl_coef=0.1"])

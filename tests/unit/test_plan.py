@@ -150,14 +150,15 @@ def test_train_refuses_a_plan_that_does_not_fit_the_gpus_it_sees(thirty_b_dir, m
 
     monkeypatch.setattr(command, "local_gpus", lambda: (8, 40.0, "40 GiB test GPU"))
     monkeypatch.setattr(megatron_sapo.models, "_transformer_engine_missing", lambda: [])  # with it, TE
-    monkeypatch.setenv("WORLD_SIZE", "32")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    monkeypatch.setenv("RANK", "0")
+    for name, value in dict(RANK="0", WORLD_SIZE="32", LOCAL_RANK="0", LOCAL_WORLD_SIZE="8", MASTER_ADDR="localhost",
+                            MASTER_PORT="29500").items():  # rank 0 of a torchrun launch of 4 nodes x 8
+        monkeypatch.setenv(name, value)
     args = ["train", str(TEXT / "sapo.toml"), "--output", str(thirty_b_dir / "run"),
             "--set", f"model.hf_dir={thirty_b_dir}"]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert "of 40.00 GiB (GPU memory (this machine's 40 GiB test GPU)): DOES NOT FIT" in err  # the breakdown
+    assert "4 node(s) x 8 GPUs" in err and "DP 8, expert DP 4" in err  # the launch's world
     assert err.strip().splitlines()[-1].startswith("megatron-sapo train: error: the plan does not fit: training GPU")
     assert "--no-plan-check runs anyway" in err
     assert not (thirty_b_dir / "run").exists()  # refused before anything started
