@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from megatron_sapo.data.rewards import get_reward
 from megatron_sapo.data.synthetic import get_task
@@ -19,9 +19,9 @@ LossName = Literal["sapo", "grpo", "gspo"]
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum"]
 KLEstimator = Literal["k1", "k3"]
 
-LOSS_NAMES: tuple[str, ...] = ("sapo", "grpo", "gspo")
-AGGREGATIONS: tuple[str, ...] = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum")
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k3")
+LOSS_NAMES: tuple[str, ...] = get_args(LossName)
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
 
 # Published clipping ranges, used when eps_low / eps_high are left unset. GRPO ranges apply to
 # token ratios (clip-higher 0.28); GSPO's apply to length-normalised sequence ratios, which sit
@@ -105,8 +105,10 @@ def _check_positive(key: str, value: object) -> None:
         raise ConfigError(f"{key} must be a number > 0, got {value!r}")
 
 
-RECOMPUTE_MODES: tuple[str, ...] = ("none", "selective", "full")
-RECOMPUTE_METHODS: tuple[str, ...] = ("uniform", "block")
+RecomputeMode = Literal["none", "selective", "full"]
+RECOMPUTE_MODES: tuple[str, ...] = get_args(RecomputeMode)
+RecomputeMethod = Literal["uniform", "block"]
+RECOMPUTE_METHODS: tuple[str, ...] = get_args(RecomputeMethod)
 
 
 @dataclass
@@ -125,13 +127,13 @@ class ParallelConfig:
     sequence_parallel: bool | None = None
     """Split activations along the sequence between TP ranks; None: on whenever tp > 1
     (Megatron's MoE layers require it under TP)."""
-    recompute: Literal["none", "selective", "full"] = "none"
+    recompute: RecomputeMode = "none"
     """Activation recompute, trading backward compute for memory: "none" keeps every
     activation; "selective" recomputes the core attention (Megatron's default selective module:
     it drops the score matrix of the local spec's unfused attention; TransformerEngine's fused
     attention keeps none, so there it saves little); "full" keeps only the inputs of chunks of
     layers and recomputes the layers in backward (see recompute_method)."""
-    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_method: RecomputeMethod = "uniform"
     """With recompute = "full": "uniform" splits each pipeline stage's layers into chunks of
     recompute_num_layers layers, each recomputed; "block" recomputes the first recompute_num_layers
     layers of each stage and keeps the other layers' activations."""
@@ -191,7 +193,8 @@ class RouterConfig:
         _check_choice("router.dtype", self.dtype, ("fp32", "fp64"))
 
 
-LR_DECAY_STYLES: tuple[str, ...] = ("constant", "linear", "cosine")
+LRDecayStyle = Literal["constant", "linear", "cosine"]
+LR_DECAY_STYLES: tuple[str, ...] = get_args(LRDecayStyle)
 
 
 @dataclass
@@ -214,7 +217,7 @@ class OptimizerConfig:
     """Clip the global gradient norm to this value (0 disables clipping)."""
     warmup_steps: int = 0
     """Optimizer steps of linear warm-up from 0 to ``lr``."""
-    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    lr_decay_style: LRDecayStyle = "constant"
     """Schedule after warm-up."""
 
     def __post_init__(self) -> None:
@@ -240,14 +243,20 @@ class OptimizerConfig:
 
 # Models built from a config with no download (megatron_sapo.models.tiny); kept here as names so
 # that loading a config does not import torch.
-BUILTIN_MODELS: tuple[str, ...] = ("tiny-qwen3-moe", "tiny-qwen3-vl-moe")
+BuiltinModel = Literal["tiny-qwen3-moe", "tiny-qwen3-vl-moe"]
+BUILTIN_MODELS: tuple[str, ...] = get_args(BuiltinModel)
 VISION_BUILTIN_MODELS: tuple[str, ...] = ("tiny-qwen3-vl-moe",)
 """The built-in models that read images."""
-PARAMS_DTYPES: tuple[str, ...] = ("fp32", "bf16")
-TRANSFORMER_IMPLS: tuple[str, ...] = ("auto", "local", "transformer_engine")
-ROLLOUT_MODES: tuple[str, ...] = ("colocated", "disaggregated")
-WEIGHT_SYNC_METHODS: tuple[str, ...] = ("tensor", "distributed", "disk")
-ROUTING_REPLAY_MODES: tuple[str, ...] = ("none", "r2", "r3")
+ParamsDtype = Literal["fp32", "bf16"]
+PARAMS_DTYPES: tuple[str, ...] = get_args(ParamsDtype)
+TransformerImpl = Literal["auto", "local", "transformer_engine"]
+TRANSFORMER_IMPLS: tuple[str, ...] = get_args(TransformerImpl)
+RolloutMode = Literal["colocated", "disaggregated"]
+ROLLOUT_MODES: tuple[str, ...] = get_args(RolloutMode)
+WeightSyncMethod = Literal["tensor", "distributed", "disk"]
+WEIGHT_SYNC_METHODS: tuple[str, ...] = get_args(WeightSyncMethod)
+RoutingReplayMode = Literal["none", "r2", "r3"]
+ROUTING_REPLAY_MODES: tuple[str, ...] = get_args(RoutingReplayMode)
 
 
 def _check_int(key: str, value: object, minimum: int) -> None:
@@ -284,13 +293,13 @@ class ModelConfig:
 
     hf_dir: str | None = None
     """Hugging Face checkpoint folder (config.json, safetensors, tokenizer)."""
-    builtin: str | None = None
+    builtin: BuiltinModel | None = None
     """Name of a model built from a config with no download ("tiny-qwen3-moe", or the
     vision-language "tiny-qwen3-vl-moe"); it is saved, with the tiny character tokenizer (and
     the image processor), into the run's output folder."""
-    params_dtype: Literal["fp32", "bf16"] = "bf16"
+    params_dtype: ParamsDtype = "bf16"
     """Precision of the trained parameters ("fp32" for CPU demos, "bf16" on GPUs)."""
-    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    transformer_impl: TransformerImpl = "auto"
     """Megatron layer spec: "transformer_engine" (fused kernels, grouped expert GEMM; needs a
     CUDA device and the transformer_engine package, an error where either is missing), "local"
     (plain torch modules, runs anywhere), or "auto": TransformerEngine where both are present,
@@ -310,7 +319,7 @@ class ModelConfig:
 class RolloutConfig:
     """How responses are sampled: SGLang servers, sampling parameters, weight synchronisation."""
 
-    mode: Literal["colocated", "disaggregated"] = "colocated"
+    mode: RolloutMode = "colocated"
     """"colocated": the trainer starts its own SGLang servers on the training machines;
     "disaggregated": servers already run elsewhere, listed in ``servers``."""
     servers: list[str] = dataclasses.field(default_factory=list)
@@ -332,7 +341,7 @@ class RolloutConfig:
     sampling_seed: int | None = None
     """Base seed of sampling; each response's seed is derived from it, the step and the sample's
     index, so a rerun samples the same responses. Unset: unseeded sampling."""
-    weight_sync: Literal["tensor", "distributed", "disk"] = "tensor"
+    weight_sync: WeightSyncMethod = "tensor"
     """How new weights reach the servers: serialised tensors over HTTP ("tensor"), a broadcast
     in a process group shared with the servers ("distributed"), or a saved checkpoint ("disk")."""
     bucket_mb: int = 512
@@ -403,7 +412,7 @@ class TrainConfig:
     pack_sequences: bool = False
     """Concatenate a microbatch's rows into one sequence (no padding between rows; THD with
     TransformerEngine, a block-diagonal causal mask otherwise)."""
-    routing_replay: Literal["none", "r2", "r3"] = "none"
+    routing_replay: RoutingReplayMode = "none"
     """MoE routing replay: "r2" replays the routes of the old-log-prob forward in the updates;
     "r3" replays the routes the rollout engine returned (colocated servers are started with
     --enable-return-routed-experts; disaggregated ones must have been)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_sapo.algo import gate_diagnostics, group_advantages, policy_loss, sapo_grad_weight
-from megatron_sapo.config import LossConfig
+from megatron_sapo.config import LOSS_NAMES, LossConfig
 from megatron_sapo.parallel import vocab_parallel_logprobs
 
 
@@ -59,7 +59,7 @@ def check_gradient_weight() -> Check:
 def check_on_policy() -> list[Check]:
     _, old, adv, mask = _batch(1, spread=0.0)
     grads = {}
-    for name in ("sapo", "grpo", "gspo"):
+    for name in LOSS_NAMES:
         logp = old.clone().requires_grad_(True)
         policy_loss(logp, old, adv, mask, LossConfig(name=name))[0].backward()
         grads[name] = logp.grad

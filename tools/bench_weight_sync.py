@@ -35,11 +35,13 @@ import requests
 import torch
 import torch.distributed as dist
 
+from megatron_sapo.config import WEIGHT_SYNC_METHODS
+
 BENCH_MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=3072, moe_intermediate_size=768,
                    num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
                    num_experts=32, num_experts_per_tok=4, mlp_only_layers=[], max_position_embeddings=512)
 SEQUENCE = [11, 250, 3, 3, 97, 140, 60, 8, 21, 299, 31000, 5]
-PATHS = ("tensor", "distributed", "disk")
+PATHS = WEIGHT_SYNC_METHODS
 FLOOR = {"tensor": "clone", "distributed": "clone", "disk": "safetensors write+read"}
 METHODS = ("gather only", "clone", "safetensors write+read") + PATHS
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}

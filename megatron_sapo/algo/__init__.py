@@ -3,20 +3,20 @@
 Nothing here imports torch.distributed or Megatron, so every formula is testable alone.
 """
 
-from megatron_sapo.algo.advantages import group_advantages, group_advantages_mean_only
+from megatron_sapo.algo.advantages import group_advantages
 from megatron_sapo.algo.diagnostics import GateDiagnostics, gate_diagnostics, histogram, log_ratio_variance
 from megatron_sapo.algo.gates import sapo_gate, sapo_grad_weight
-from megatron_sapo.algo.loss import kl_penalty, loss_normalizer, policy_loss
+from megatron_sapo.algo.loss import kl_penalty, loss_normalizer, masked_mean, policy_loss
 
 __all__ = [
     "GateDiagnostics",
     "gate_diagnostics",
     "group_advantages",
-    "group_advantages_mean_only",
     "histogram",
     "kl_penalty",
     "log_ratio_variance",
     "loss_normalizer",
+    "masked_mean",
     "policy_loss",
     "sapo_gate",
     "sapo_grad_weight",

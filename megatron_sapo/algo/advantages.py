@@ -30,9 +30,3 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     std = rewards.std(dim=1, keepdim=True, unbiased=False)
     flat = std < eps
     return torch.where(flat, torch.zeros_like(centred), centred / torch.where(flat, torch.ones_like(std), std))
-
-
-def group_advantages_mean_only(rewards: torch.Tensor) -> torch.Tensor:
-    """``A_i = R_i - mean(R)``: the variant without std scaling (no bias towards easy/hard groups)."""
-    _check_rewards(rewards)
-    return rewards - rewards.mean(dim=1, keepdim=True)

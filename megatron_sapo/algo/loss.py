@@ -83,7 +83,7 @@ def policy_loss(
             safe_logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))
             seq_log_ratio = gates.gspo_token_log_ratio(log_ratio, safe_logprobs, mask)
             ratio = torch.exp(seq_log_ratio.clamp(-cfg.logratio_clamp, cfg.logratio_clamp))
-            metrics["seq_ratio_mean"] = _masked_mean(ratio.detach(), mask)
+            metrics["seq_ratio_mean"] = masked_mean(ratio.detach(), mask)
         objective = gates.clipped_objective(ratio, advantages, cfg.eps_low, cfg.eps_high, cfg.dual_clip_c)
         metrics.update(_clip_metrics(ratio.detach(), advantages, mask, cfg))
 
@@ -91,11 +91,11 @@ def policy_loss(
     if cfg.kl_coef > 0:
         kl = kl_penalty(logprobs, ref_logprobs, mask, cfg.kl_estimator)
         token_loss = token_loss + cfg.kl_coef * kl
-        metrics["kl_ref"] = _masked_mean(kl.detach(), mask)
+        metrics["kl_ref"] = masked_mean(kl.detach(), mask)
     if entropy is not None:
         if cfg.entropy_coef > 0:
             token_loss = token_loss - cfg.entropy_coef * entropy
-        metrics["entropy"] = _masked_mean(entropy.detach(), mask)
+        metrics["entropy"] = masked_mean(entropy.detach(), mask)
 
     loss = aggregate(token_loss, mask, cfg.agg, normalizer)
     metrics["tokens"] = mask.sum().to(torch.float32)
@@ -130,19 +130,20 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.T
     return torch.exp(diff) - diff - 1
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is True (0 when it is nowhere), in fp32."""
     total = torch.where(mask, values, torch.zeros_like(values)).sum()
     return (total / mask.sum().clamp_min(1)).to(torch.float32)
 
 
 def _masked_fraction(flags: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return _masked_mean(flags.to(torch.float32), mask)
+    return masked_mean(flags.to(torch.float32), mask)
 
 
 def _ratio_metrics(ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     inf = torch.full_like(ratio, float("inf"))
     return {
-        "ratio_mean": _masked_mean(ratio, mask),
+        "ratio_mean": masked_mean(ratio, mask),
         "ratio_min": torch.where(mask, ratio, inf).amin().to(torch.float32),
         "ratio_max": torch.where(mask, ratio, -inf).amax().to(torch.float32),
     }
@@ -151,8 +152,8 @@ def _ratio_metrics(ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.T
 def _sapo_metrics(ratio: torch.Tensor, tau: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     weight = gates.sapo_grad_weight(ratio, tau)
     return {
-        "gate_mean": _masked_mean(gates.sapo_gate(ratio, tau), mask),
-        "grad_weight_mean": _masked_mean(weight, mask),
+        "gate_mean": masked_mean(gates.sapo_gate(ratio, tau), mask),
+        "grad_weight_mean": masked_mean(weight, mask),
         "attenuated_frac": _masked_fraction(weight < 0.5, mask),
     }
 

@@ -39,19 +39,21 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator
 
 import requests
 import torch
 import torch.distributed as dist
 
 from megatron_sapo import torchvision_compat
+from megatron_sapo.config import WEIGHT_SYNC_METHODS, WeightSyncMethod
 from megatron_sapo.convert.export import export_hf, iter_hf_tensors
 from megatron_sapo.convert.mapping import MappingTable
 from megatron_sapo.parallel.collectives import comm_device
 
-SyncPath = Literal["tensor", "distributed", "disk"]
-SYNC_PATHS = ("tensor", "distributed", "disk")
+SyncPath = WeightSyncMethod
+"""``rollout.weight_sync``: how the weights travel (config.py holds the one list)."""
+SYNC_PATHS = WEIGHT_SYNC_METHODS
 
 
 class WeightSyncError(RuntimeError):
@@ -160,7 +162,8 @@ class WeightSync:
                 _post(server.url, "/begin_weight_update", {}, self.timeout_s)
         dist.barrier()
         try:
-            stats = getattr(self, f"_push_{self.path}")()
+            stats = {"tensor": self._push_tensor, "distributed": self._push_distributed,
+                     "disk": self._push_disk}[self.path]()
         finally:
             dist.barrier()
             if self._rank == 0:

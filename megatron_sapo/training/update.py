@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_sapo.algo import kl_penalty, loss_normalizer, policy_loss
+from megatron_sapo.algo import kl_penalty, loss_normalizer, masked_mean, policy_loss
 from megatron_sapo.config import LossConfig
 from megatron_sapo.parallel.collectives import comm_device
 from megatron_sapo.training.forward import (microbatches, row_logprobs, run_schedule, sequence_multiple,
@@ -113,7 +113,7 @@ def train_minibatch(model, optimizer, scheduler, batch: TrainBatch, loss_cfg: Lo
         loss, metrics = policy_loss(logp, rows.old_logprobs, rows.advantages, rows.loss_mask, loss_cfg,
                                     normalizer=normalizer, entropy=entropy)
         mask = rows.loss_mask.bool()
-        metrics["kl_old"] = _masked_mean(kl_penalty(logp.detach(), rows.old_logprobs, mask, "k3"), mask)
+        metrics["kl_old"] = masked_mean(kl_penalty(logp.detach(), rows.old_logprobs, mask, "k3"), mask)
         return loss, metrics
 
     return _update(model, optimizer, scheduler, batch, pg_collection, policy_head,
@@ -130,7 +130,7 @@ def sft_minibatch(model, optimizer, scheduler, batch: TrainBatch, pg_collection,
                                      vocab_size=true_vocab_size, entropy=True)
         mask = micro.rows.loss_mask.bool()
         loss = -torch.where(mask, logp, torch.zeros_like(logp)).sum() / normalizer
-        return loss, {"tokens": mask.sum().to(torch.float32), "entropy": _masked_mean(entropy.detach(), mask)}
+        return loss, {"tokens": mask.sum().to(torch.float32), "entropy": masked_mean(entropy.detach(), mask)}
 
     return _update(model, optimizer, scheduler, batch, pg_collection, nll_head,
                    normalizer=loss_normalizer(batch.loss_mask, "token-mean"), batching=batching, routing=routing)
@@ -248,8 +248,3 @@ def _reduce_over_data_parallel(collected: list[dict[str, torch.Tensor]], group) 
         if _REDUCTIONS.get(key, "mean") == "mean":
             reduced[key] /= total_tokens
     return reduced
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    total = torch.where(mask, values, torch.zeros_like(values)).sum()
-    return (total / mask.sum().clamp_min(1)).to(torch.float32)

@@ -66,7 +66,7 @@ def test_outputs(straight):
                     "logprob_mismatch", "response_length_mean", "time_rollout_s", "time_train_s", "tokens_per_s"):
             assert key in row, key
         assert 0.0 <= row["reward_mean"] <= 1.0
-        assert row["logprob_mismatch"] < 2e-2  # fp32 serving and training
+        assert row["logprob_mismatch"] < 1e-4  # fp32 serving and training: measured 8.6e-7
     assert "pass_at_1" in rows[1] and "pass_at_1" in rows[3]
     # Real updates happen, so the resume test compares something.
     assert max(r["reward_mean"] for r in rows) > 0 and min(r["grad_norm"] for r in rows) > 0

@@ -3,7 +3,7 @@ import statistics
 import pytest
 import torch
 
-from megatron_sapo.algo import group_advantages, group_advantages_mean_only
+from megatron_sapo.algo import group_advantages
 
 pytestmark = pytest.mark.unit
 
@@ -26,11 +26,6 @@ def test_identical_rewards_give_zero_advantage_not_nan():
 
 def test_single_sample_groups_are_zero():
     assert torch.all(group_advantages(torch.tensor([[3.0], [5.0]])) == 0)
-
-
-def test_mean_only_variant():
-    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0]])
-    assert group_advantages_mean_only(rewards)[0].tolist() == pytest.approx([0.4, -0.6, -0.6, 0.4, 0.4])
 
 
 @pytest.mark.parametrize(

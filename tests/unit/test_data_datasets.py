@@ -129,7 +129,7 @@ def test_each_epoch_visits_distinct_prompts_and_reshuffles():
     assert sampler.epoch == 3
     for epoch in epochs:
         assert len(epoch) == 48 and len(set(epoch)) == 48 and set(epoch) <= set(range(50))
-    assert epochs[0] != epochs[1] != epochs[2]
+    assert len({tuple(epoch) for epoch in epochs}) == 3  # each epoch in its own order
     assert steps(PromptSampler(50, 8, seed=1), 18) == steps(PromptSampler(50, 8, seed=1), 18)
     assert steps(PromptSampler(50, 8, seed=2), 6) != steps(PromptSampler(50, 8, seed=1), 6)
     assert sum(steps(PromptSampler(50, 8, shuffle=False), 6), []) == list(range(48))
