@@ -105,16 +105,13 @@ def rl_step(run: Run) -> dict[str, float]:
         batch.old_logprobs = old_logprobs(run, batch)
         if cfg.train.routing_replay == "r2":
             batch.routes = run.routing.recorded
-    update_metrics, agreement = [], None
+    update_metrics = []
     with run.timed("train"):
         for minibatch in minibatches(batch, minibatch_rows):
             update_metrics.append(train_minibatch(
                 *run.policy.trainable, minibatch, cfg.loss, run.pg, batching=Batching.of(cfg.train),
                 temperature=cfg.rollout.temperature, true_vocab_size=run.policy.spec.vocab_size,
                 routing=run.routing if batch.routes is not None else None))
-            if agreement is None and batch.routes is not None:
-                # The first update runs the policy the routes came from; later ones have moved.
-                agreement = run.routing.agreement
     if release:
         run.rollout.client.resume_memory(("weights",))
     with run.timed("weight_sync"):
@@ -128,8 +125,11 @@ def rl_step(run: Run) -> dict[str, float]:
     clipped = [metrics[k] for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual") if k in metrics]
     if clipped:
         metrics["clip_frac"] = sum(clipped)
-    if agreement is not None:
-        metrics["replay_agreement"] = agreement
+    # One agreement metric: the first update's, which runs the policy the routes came from
+    # (later updates have moved it, so their agreement says less).
+    metrics.pop("routing_agreement", None)
+    if update_metrics[0].routing_agreement is not None:
+        metrics["replay_agreement"] = update_metrics[0].routing_agreement
     if cfg.logging.histogram_every and step % cfg.logging.histogram_every == 0:
         histograms(run, batch)
     return metrics
