@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,6 +81,10 @@ def check_plan(cfg: RunConfig) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_sapo import console
+
+    console.quiet_known_warnings()
+    started = time.monotonic()
     cfg, out_dir = resolve(args)
     if args.resume and not (out_dir / "checkpoints" / "latest").exists():
         raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
@@ -92,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
     if any(v in os.environ for v in LAUNCHER_VARIABLES):
         from megatron_sapo.parallel.launch import init_distributed
 
-        rank = init_distributed().rank
+        launch = init_distributed()
+        rank = launch.rank
+        if rank == 0:
+            print(console.header(cfg, launch.world_size, out_dir), flush=True)
         stopped = _rank_main(cfg, out_dir, args.resume)
         if rank != 0:  # rank 0 reports for all
             return stopped.exit_status if stopped else 0
@@ -100,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         from megatron_sapo.parallel.spawn import spawn, world_size_for
         from megatron_sapo.training.stop import STOP_SIGNALS
 
+        print(console.header(cfg, world_size_for(cfg.parallel), out_dir), flush=True)
         stopped = spawn(_rank_main, world_size_for(cfg.parallel), cfg, out_dir, args.resume,
                         forward_signals=STOP_SIGNALS)  # rank 0's answer
     if stopped is not None:
@@ -110,11 +119,15 @@ def run(args: argparse.Namespace) -> int:
                  else "no checkpoint was saved")
         print(f"stopped by {stopped.cause}: {where}", file=sys.stderr)
         return stopped.exit_status
+    print(console.summary(out_dir, time.monotonic() - started))
     print(f"done: metrics in {out_dir / 'metrics.jsonl'}; TensorBoard: tensorboard --logdir {out_dir / 'tensorboard'}")
     return 0
 
 
 def _rank_main(cfg: RunConfig, out_dir: Path, resume: bool) -> Stopped | None:
+    from megatron_sapo import console
     from megatron_sapo.loop import train
+
+    console.quiet_known_warnings()  # a spawned rank is a fresh interpreter
 
     return train(cfg, out_dir, resume=resume)
