@@ -12,8 +12,6 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from megatron_sapo.data.rewards import get_reward
-from megatron_sapo.data.synthetic import get_task
 
 LossName = Literal["sapo", "grpo", "gspo"]
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum"]
@@ -494,25 +492,12 @@ class DataConfig:
         _check_bool("data.shuffle", self.shuffle)
         _check_int("data.seed", self.seed, 0)
         _check_int("data.max_prompt_tokens", self.max_prompt_tokens, 1)
-        # Names are checked against the registries now rather than when the run reaches them;
-        # a custom reward must therefore be registered before its config is built.
-        for key, lookup, name in (("data.task", get_task, self.task), ("data.reward", get_reward, self.reward)):
-            try:
-                if name is not None:
-                    lookup(name)
-            except ValueError as err:
-                raise ConfigError(f"{key}: {err}") from None
+        # The task and reward names are checked against data/'s registries when a config is
+        # loaded (data/checks.py): this module sits below data/ and imports nothing of it.
 
     @property
     def has_validation(self) -> bool:
         return self.task is not None or self.val_path is not None
-
-    @property
-    def reward_name(self) -> str:
-        """The reward function in use: ``reward``, else the task's verifier, else "math"."""
-        if self.reward is not None:
-            return self.reward
-        return get_task(self.task).reward if self.task is not None else "math"
 
 
 @dataclass
@@ -618,12 +603,6 @@ class RunConfig:
             raise ConfigError("eval.every > 0 needs validation prompts: set data.val_path or use a data.task")
         if self.train.sft_steps and self.data.task is None:
             raise ConfigError("train.sft_steps > 0 needs a data.task (the cold start uses its worked pairs)")
-        task = get_task(self.data.task) if self.data.task is not None else None
-        if task is not None and task.has_images:
-            if self.model.builtin is not None and self.model.builtin not in VISION_BUILTIN_MODELS:
-                raise ConfigError(f"data.task = {self.data.task!r} has images, which model.builtin = "
-                                  f"{self.model.builtin!r} cannot read (use one of {', '.join(VISION_BUILTIN_MODELS)})")
-
 
     def data_parallel_size(self, world_size: int) -> int:
         """Data-parallel size at ``world_size`` ranks, checking that every step's prompts and

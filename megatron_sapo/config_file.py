@@ -51,10 +51,14 @@ def config_from_dict(raw: dict, source: str = "config") -> RunConfig:
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: {name} must be a [{name}] table, got {table!r}")
         sections[name] = _build_section(source, name, cls, table)
+    from megatron_sapo.data.checks import check_data
+
     try:
-        return RunConfig(**sections)
+        cfg = RunConfig(**sections)
+        check_data(cfg)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+    return cfg
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -65,7 +65,12 @@ def summary(out_dir: Path, seconds: float) -> str:
     the time, and the curve written to ``out_dir/curves.png``."""
     from megatron_sapo.analysis.runs import read_metrics_jsonl
 
-    curves = read_metrics_jsonl(out_dir / "metrics.jsonl")
+    minutes, rest = divmod(round(seconds), 60)
+    took = f"time      {minutes} min {rest:02d} s"
+    metrics = out_dir / "metrics.jsonl"
+    if not metrics.is_file() or not metrics.read_text().strip():
+        return f"{took} (no steps in {metrics})"
+    curves = read_metrics_jsonl(metrics)
     lines = []
     reward = curves.get("reward_mean")
     if reward is not None:
@@ -76,8 +81,7 @@ def summary(out_dir: Path, seconds: float) -> str:
     if passed is not None:
         lines.append(f"Pass@1    {passed.values[0]:.3f} (step {passed.steps[0]}) -> {passed.values[-1]:.3f} "
                      f"(step {passed.steps[-1]})")
-    minutes, rest = divmod(round(seconds), 60)
-    lines.append(f"time      {minutes} min {rest:02d} s")
+    lines.append(took)
     lines.append(f"curve     {write_curve(out_dir, curves)}")
     return "\n".join(lines)
 

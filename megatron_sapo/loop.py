@@ -390,6 +390,7 @@ def start(cfg: RunConfig, out_dir: Path, pg, resume: bool) -> Run:
 def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Policy, state: TrainerState) -> Rollout:
     """Rank 0: servers (colocated) or their addresses, client, prompts, sampler, scorer, log."""
     from megatron_sapo.data.chat import encode_records
+    from megatron_sapo.data.checks import reward_name
     from megatron_sapo.data.datasets import PromptSampler, load_split
     from megatron_sapo.data.rewards import RewardScorer, get_reward
     from megatron_sapo.data.synthetic import get_task
@@ -441,7 +442,7 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     client = RolloutClient(urls, request_timeout_s=cfg.rollout.request_timeout_s, max_retries=cfg.rollout.max_retries,
                            routed_experts=routed, on_failure=manager.ensure_alive if manager else None,
                            image_token_id=layout.image_token_id if layout else None)
-    scorer = RewardScorer(get_reward(cfg.data.reward_name), cfg.data.reward_timeout_s)
+    scorer = RewardScorer(get_reward(reward_name(cfg.data)), cfg.data.reward_timeout_s)
     log = RunLog(out_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step)
     return Rollout(client=client, prompts=prompts, val_prompts=val_prompts, sampler=sampler, scorer=scorer,
                    manager=manager, log=log, tokenizer=tokenizer)

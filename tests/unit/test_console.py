@@ -45,3 +45,8 @@ def test_known_harmless_warnings_are_filtered_and_others_are_not():
         warnings.warn("CUDA_DEVICE_MAX_CONNECTIONS should be set to 1 with sequence parallelism")
         warnings.warn("something the user must see")
     assert [str(w.message) for w in caught] == ["something the user must see"]
+
+
+def test_summary_of_a_run_without_steps_says_so(tmp_path):
+    assert console.summary(tmp_path, 3.0) == f"time      0 min 03 s (no steps in {tmp_path / 'metrics.jsonl'})"
+    assert not (tmp_path / "curves.png").exists()

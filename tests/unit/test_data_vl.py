@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from megatron_sapo.data.checks import check_data, reward_name
 from megatron_sapo.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
 from megatron_sapo.data.chat import encode_records, image_messages
 from megatron_sapo.data.datasets import MalformedRowsError, read_prompt_file
@@ -202,9 +203,11 @@ def test_image_tasks_refuse_text_only_builtin_models():
     def config(**changes):
         fields = dict(model=ModelConfig(builtin="tiny-qwen3-vl-moe", params_dtype="fp32"),
                       data=DataConfig(task="tiny-count", max_prompt_tokens=64), train=TrainConfig(max_seq_len=2048))
-        return RunConfig(**{**fields, **changes})
+        cfg = RunConfig(**{**fields, **changes})
+        check_data(cfg)
+        return cfg
 
-    assert config().data.reward_name == "math"
+    assert reward_name(config().data) == "math"
     assert config(train=TrainConfig(sft_steps=5, max_seq_len=2048)).train.sft_steps == 5  # image cold start
     with pytest.raises(ConfigError, match="model.builtin = 'tiny-qwen3-moe' cannot read"):
         config(model=ModelConfig(builtin="tiny-qwen3-moe"))

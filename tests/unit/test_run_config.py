@@ -226,8 +226,6 @@ def test_dump_round_trips_awkward_values(tmp_path):
         (lambda: DataConfig(task="tiny-reverse", val_path="v.jsonl"), "data.val_path is only used with data.train_path"),
         (lambda: DataConfig(task="tiny-reverse", prompt_key=""), "data.prompt_key must be a non-empty string"),
         (lambda: DataConfig(task="tiny-reverse", reward_timeout_s=0), "data.reward_timeout_s must be a number > 0"),
-        (lambda: DataConfig(task="tiny-reverse", reward="mth"), "data.reward: unknown reward 'mth'; registered: .*math"),
-        (lambda: DataConfig(task="sudoku"), "data.task: unknown synthetic task 'sudoku'; known: tiny-reverse"),
         (lambda: EvalConfig(every=-1), "eval.every must be an integer >= 0"),
         (lambda: EvalConfig(max_new_tokens=0), "eval.max_new_tokens must be an integer >= 1"),
     ],
@@ -262,9 +260,30 @@ def test_cross_section_checks(sections, message):
 
 
 def test_reward_defaults_to_the_tasks_verifier_or_math():
-    assert DataConfig(task="tiny-reverse").reward_name == "exact_match"
-    assert DataConfig(train_path="p.jsonl").reward_name == "math"
-    assert DataConfig(task="tiny-reverse", reward="math").reward_name == "math"
+    from megatron_sapo.data.checks import reward_name
+
+    assert reward_name(DataConfig(task="tiny-reverse")) == "exact_match"
+    assert reward_name(DataConfig(train_path="p.jsonl")) == "math"
+    assert reward_name(DataConfig(task="tiny-reverse", reward="math")) == "math"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.reward=mth", "data.reward: unknown reward 'mth'; registered: .*math"),
+    ("data.task=sudoku", "data.task: unknown synthetic task 'sudoku'; known: tiny-reverse"),
+])
+def test_data_names_are_checked_when_the_config_loads(override, message):
+    """Against data/'s registries (data/checks.py), which config.py does not import."""
+    with pytest.raises(ConfigError, match=f"sapo.toml \\(with --set overrides\\): {message}"):
+        load_config(Path(__file__).parents[2] / "examples" / "tiny_cpu" / "sapo.toml", [override])
+
+
+def test_config_module_imports_nothing_of_data():
+    import subprocess
+    import sys
+
+    code = "import sys, megatron_sapo.config; print([m for m in sys.modules if m.startswith('megatron_sapo.data')])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_data_parallel_size_checks_prompt_and_minibatch_splits():
