@@ -393,7 +393,7 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     from megatron_sapo.data.checks import reward_name
     from megatron_sapo.data.datasets import PromptSampler, load_split
     from megatron_sapo.data.rewards import RewardScorer, get_reward
-    from megatron_sapo.data.synthetic import get_task
+    from megatron_sapo.data.tasks import get_task
     from megatron_sapo.parallel.ports import free_port
     from megatron_sapo.rollout.manager import ServerManager
     from megatron_sapo.rollout.server import ServerOptions

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from megatron_sapo.config import VISION_BUILTIN_MODELS, ConfigError, DataConfig, RunConfig
 from megatron_sapo.data.rewards import get_reward
-from megatron_sapo.data.synthetic import get_task
+from megatron_sapo.data.tasks import get_task
 
 
 def check_data(cfg: RunConfig) -> None:

@@ -29,7 +29,7 @@ from typing import Iterator, Literal
 import numpy as np
 
 from megatron_sapo.config import DataConfig
-from megatron_sapo.data import synthetic
+from megatron_sapo.data.tasks import get_task
 from megatron_sapo.data.records import (PromptRecord, answer_text, image_placement_problem, prompt_problem,
                                         short_repr)
 
@@ -44,7 +44,7 @@ class MalformedRowsError(ValueError):
 def load_split(cfg: DataConfig, split: Literal["train", "val"]) -> list[PromptRecord]:
     """The training or validation problems the data config names (files or a synthetic task)."""
     if cfg.task is not None:
-        return synthetic.get_task(cfg.task).records(split, cfg.seed)
+        return get_task(cfg.task).records(split, cfg.seed)
     path = cfg.train_path if split == "train" else cfg.val_path
     if path is None:
         raise ValueError(f"data.val_path is not set, so there are no {split} prompts")

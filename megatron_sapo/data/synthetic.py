@@ -16,8 +16,8 @@ improve on what a short supervised cold start left, so:
   the same recipe left it near 0.05 (0.04 -> 0.07), so it serves tests and experiments, not
   the demo.
 
-The image tasks (a vision-language model counting squares) live in ``synthetic_vl`` and are
-found by the same ``get_task``.
+The image tasks (a vision-language model counting squares) live in ``synthetic_vl``; both
+are found by ``data.tasks.get_task``.
 
 Each task's problem set is finite and enumerated; a seeded shuffle splits it into three
 disjoint parts: "val" (evaluation), "sft" (worked pairs for the cold start) and "train" (the
@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 from megatron_sapo.data.records import PromptRecord
 
-if TYPE_CHECKING:
-    from megatron_sapo.data.synthetic_vl import ImageTask
 
 Split = Literal["train", "val", "sft"]
 SPLITS: tuple[str, ...] = ("train", "val", "sft")
@@ -98,13 +96,3 @@ TASKS: dict[str, SyntheticTask] = {
         SyntheticTask("tiny-add", addition_problems),
     )
 }
-
-
-def get_task(name: str) -> "SyntheticTask | ImageTask":
-    """A built-in task by name: the text tasks above, or the image tasks of ``synthetic_vl``."""
-    from megatron_sapo.data.synthetic_vl import IMAGE_TASKS  # imported here: it builds on this module
-
-    tasks = {**TASKS, **IMAGE_TASKS}
-    if name not in tasks:
-        raise ValueError(f"unknown synthetic task {name!r}; known: {', '.join(tasks)}")
-    return tasks[name]

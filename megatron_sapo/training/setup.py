@@ -39,7 +39,7 @@ def prepare_start_model(cfg: RunConfig, out_dir: Path) -> Path:
     from megatron_sapo import torchvision_compat
     from megatron_sapo.convert.output import partial_dir, publish
     from megatron_sapo.data.chat import encode_sft_examples
-    from megatron_sapo.data.synthetic import get_task
+    from megatron_sapo.data.tasks import get_task
     from megatron_sapo.data.tiny_tokenizer import PAD_ID, build_tiny_tokenizer
     from megatron_sapo.models.tiny import save_demo_model
     from megatron_sapo.training.cold_start import cold_start

@@ -7,7 +7,7 @@ import torch
 from megatron_sapo import torchvision_compat
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
 from megatron_sapo.data.chat import encode_sft_examples
-from megatron_sapo.data.synthetic import get_task
+from megatron_sapo.data.tasks import get_task
 from megatron_sapo.data.tiny_tokenizer import PAD_ID
 from megatron_sapo.models.tiny_vl import TINY_QWEN3_VL_MOE, save_tiny_qwen3_vl_moe
 from megatron_sapo.training.cold_start import cold_start

@@ -4,7 +4,8 @@ import pytest
 
 from megatron_sapo.data.rewards import get_reward
 from megatron_sapo.data.chat import completion_text, encode_sft_examples
-from megatron_sapo.data.synthetic import SPLITS, TASKS, get_task
+from megatron_sapo.data.synthetic import SPLITS, TASKS
+from megatron_sapo.data.tasks import get_task
 from megatron_sapo.data.tiny_tokenizer import EOS_ID, VOCAB, save_tiny_tokenizer
 
 pytestmark = pytest.mark.unit

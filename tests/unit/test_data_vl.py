@@ -16,7 +16,8 @@ from megatron_sapo.config import ConfigError, DataConfig, ModelConfig, RunConfig
 from megatron_sapo.data.chat import encode_records, image_messages
 from megatron_sapo.data.datasets import MalformedRowsError, read_prompt_file
 from megatron_sapo.data.records import PromptRecord
-from megatron_sapo.data.synthetic import SPLITS, get_task
+from megatron_sapo.data.synthetic import SPLITS
+from megatron_sapo.data.tasks import get_task
 from megatron_sapo.data.synthetic_vl import IMAGE_SIZE
 from megatron_sapo.data.tiny_tokenizer import IMAGE_PAD_ID, PAD_ID, VISION_END_ID, VISION_START_ID
 from megatron_sapo.models.tiny_vl import TINY_QWEN3_VL_MOE, png_bytes, synthetic_image
