@@ -20,11 +20,16 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from megatron_sapo.config import ConfigError, ParallelConfig, RunConfig
+
+if TYPE_CHECKING:
+    from megatron_sapo.models.qwen3_moe import Qwen3MoeSpec
+    from megatron_sapo.models.qwen3_vl import Qwen3VLSpec
 
 
 
@@ -85,8 +90,8 @@ class Layout:
     """Data-parallel size (replicas of the dense weights)."""
     edp: int
     """Expert-data-parallel size (replicas of each expert)."""
-    spec: object
-    """The model family's spec at this layout (``Qwen3MoeSpec``, ``Qwen3VLSpec``)."""
+    spec: Qwen3MoeSpec | Qwen3VLSpec
+    """The model family's spec at this layout."""
     stages: list[StageParams]
     total_params: int
     """Parameters of the whole model (all ranks' shares, each counted once)."""

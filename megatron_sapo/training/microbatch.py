@@ -34,11 +34,15 @@ outputs of the model (log-probs, entropies, recorded routes) back to row form.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from megatron_sapo.types import TrainBatch
+
+if TYPE_CHECKING:  # Megatron is imported only where a packed microbatch is built for TE
+    from megatron.core.packed_seq_params import PackedSeqParams
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ class Microbatch:
     """``[b|1, S]``, or ``[3, b|1, S]`` multimodal positions."""
     attention_mask: torch.Tensor | None = None
     """Packed rows under the local spec: bool ``[1, 1, S, S]``, True where attention is masked."""
-    packed_seq_params: object | None = None
+    packed_seq_params: PackedSeqParams | None = None
     """Packed rows under TransformerEngine: Megatron's ``PackedSeqParams`` (THD)."""
     routes: torch.Tensor | None = None
     """Experts to replay in the model's layout, int64 ``[b|1, S, moe_layers, top_k]``; -1 where

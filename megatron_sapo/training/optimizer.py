@@ -19,20 +19,25 @@ Choices:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 
 from megatron_sapo.config import ConfigError, OptimizerConfig
+
+if TYPE_CHECKING:  # annotations only: Megatron is imported when a model is built
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 
 class Trainable(NamedTuple):
     """What ``build_optimizer`` returns; unpacks as ``model, optimizer, scheduler``."""
 
-    model: object
+    model: DistributedDataParallel
     """The model wrapped in Megatron ``DistributedDataParallel``; train and evaluate through it."""
-    optimizer: object
+    optimizer: MegatronOptimizer
     """Megatron's (chained, distributed) optimizer; ``step()`` returns ``(ok, grad_norm, zeros)``."""
-    scheduler: object
+    scheduler: OptimizerParamScheduler
     """Megatron ``OptimizerParamScheduler``; ``step(1)`` after each optimizer step."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,11 @@ from megatron_sapo.convert.load import load_hf_into_model
 from megatron_sapo.models import model_family, read_hf_config, use_transformer_engine, weight_table
 from megatron_sapo.training.checkpoint import weights_dir
 from megatron_sapo.training.optimizer import Trainable, build_optimizer
+
+if TYPE_CHECKING:  # annotations only: the families are imported when a config asks for them
+    from megatron_sapo.convert.mapping import MappingTable
+    from megatron_sapo.models.qwen3_moe import Qwen3MoeSpec
+    from megatron_sapo.models.qwen3_vl import Qwen3VLSpec
 
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SERVED_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -71,11 +77,12 @@ def prepare_start_model(cfg: RunConfig, out_dir: Path) -> Path:
 class Policy:
     """The Megatron side: the bare model (for weight export), its DDP wrapper and optimizer."""
 
-    module: object
+    module: torch.nn.Module
+    """This rank's bare model (a ``GPTModel``, or the vision-language model)."""
     trainable: Trainable
-    spec: object
-    """The model family's spec (``Qwen3MoeSpec``, ``Qwen3VLSpec``)."""
-    table: object
+    spec: Qwen3MoeSpec | Qwen3VLSpec
+    """The model family's spec."""
+    table: MappingTable
     """Its weight table, with the Hub storage of its experts (export and weight sync follow it)."""
     hf_config: dict
 
