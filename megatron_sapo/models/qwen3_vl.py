@@ -264,6 +264,7 @@ def _mrope_axis_of_frequency(section: tuple[int, int, int], frequencies: int) ->
     return axis
 
 
+@functools.cache  # one class per process: built on first use (it subclasses Megatron's)
 def _interleaved_mrope_class():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import (MultimodalRotaryEmbedding,
                                                                              get_pos_emb_on_this_cp_rank)
@@ -390,6 +391,7 @@ class PatchMerger(torch.nn.Module):
         return self.linear_fc2(F.gelu(self.linear_fc1(merged)))
 
 
+@functools.cache  # one class per process: built on first use (it subclasses Megatron's)
 def _vision_tower_class():
     from megatron.core.transformer.module import MegatronModule
     from megatron.core.transformer.transformer_block import TransformerBlock
@@ -456,6 +458,7 @@ def _block_diagonal_mask(grid_thw: torch.Tensor, device) -> torch.Tensor:
     return (owner[:, None] != owner[None, :])[None, None]
 
 
+@functools.cache  # one class per process: built on first use (it subclasses Megatron's)
 def _vl_model_class():
     from megatron.core import tensor_parallel
     from megatron.core.transformer.enums import ModelType

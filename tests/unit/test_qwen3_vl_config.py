@@ -187,3 +187,9 @@ def test_mrope_positions_of_long_rows_and_adjacent_images_match_the_per_token_re
                                        image_token_id=IMAGE, spatial_merge_size=2)
     for b, (row, grids) in enumerate(zip(padded, all_grids)):
         assert torch.equal(ours[:, b], _mrope_per_token(row, grids))
+
+
+def test_vision_language_classes_are_built_once():
+    assert qwen3_vl._vl_model_class() is qwen3_vl._vl_model_class()
+    assert qwen3_vl._vision_tower_class() is qwen3_vl._vision_tower_class()
+    assert qwen3_vl._interleaved_mrope_class() is qwen3_vl._interleaved_mrope_class()
