@@ -442,6 +442,22 @@ class TrainConfig:
         if self.sft_lr is not None:
             _check_positive("train.sft_lr", self.sft_lr)
 
+    # What routing_replay means for each stage of a step (the loop asks these, not the string).
+    @property
+    def replays_routes(self) -> bool:
+        """The updates replay recorded routes (R2 or R3)."""
+        return self.routing_replay != "none"
+
+    @property
+    def records_routes(self) -> bool:
+        """R2: the old-log-prob pass records the routes the updates replay."""
+        return self.routing_replay == "r2"
+
+    @property
+    def routes_from_rollout(self) -> bool:
+        """R3: the servers return the experts they routed to, and the updates replay those."""
+        return self.routing_replay == "r3"
+
 
 @dataclass
 class DataConfig:

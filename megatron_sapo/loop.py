@@ -103,7 +103,7 @@ def rl_step(run: Run) -> dict[str, float]:
         run.rollout.client.release_memory()
     with run.timed("old_logprobs"):
         batch.old_logprobs = old_logprobs(run, batch)
-        if cfg.train.routing_replay == "r2":
+        if cfg.train.records_routes:
             batch.routes = run.routing.recorded
     update_metrics = []
     with run.timed("train"):
@@ -187,7 +187,7 @@ def replica_rows(run: Run, groups: list[Group]) -> list[ReplicaRows]:
     rewards = torch.tensor([g.rewards for g in groups])
     advantages = group_advantages(rewards).flatten().tolist()
     samples = [s for g in groups for s in g.samples]
-    if cfg.train.routing_replay == "r3":
+    if cfg.train.routes_from_rollout:
         for sample in samples:
             sample.routed_experts = compact_routes(sample.routed_experts, run.policy.spec.config.num_moe_experts).numpy()
     vision = [g.prompt.vision for g in groups for _ in g.samples] if image_layout(run.policy.spec) else None
@@ -200,7 +200,7 @@ def receive_rows(run: Run, groups: list[Group] | None) -> tuple[TrainBatch, list
     minibatch (collective over the world)."""
     mine = scatter_rows(replica_rows(run, groups) if run.rollout else None, run.replica_of_rank)
     batch = build_train_batch(mine.samples, mine.advantages, run.pad_id,
-                              with_routes=run.cfg.train.routing_replay == "r3",
+                              with_routes=run.cfg.train.routes_from_rollout,
                               num_experts=run.policy.spec.config.num_moe_experts, vision=mine.vision,
                               layout=image_layout(run.policy.spec))
     return batch.to(run.device), mine.minibatch_rows
@@ -211,7 +211,7 @@ def old_logprobs(run: Run, batch: TrainBatch) -> torch.Tensor:
     recorded under R2)."""
     return compute_logprobs(run.policy.trainable.model, batch, run.pg, batching=Batching.of(run.cfg.train),
                             temperature=run.cfg.rollout.temperature, true_vocab_size=run.policy.spec.vocab_size,
-                            routing=run.routing if run.cfg.train.routing_replay != "none" else None)
+                            routing=run.routing if run.cfg.train.replays_routes else None)
 
 
 def minibatches(batch: TrainBatch, minibatch_rows: list[int]) -> list[TrainBatch]:
@@ -363,7 +363,7 @@ def start(cfg: RunConfig, out_dir: Path, pg, resume: bool) -> Run:
     # A resumed run loads its own checkpoint below; a new one starts from checkpoint.load_dir if set.
     policy = build_policy(cfg, start_model, pg, total_steps=cfg.train.steps * cfg.train.minibatches,
                           load_dir=cfg.checkpoint.load_dir if latest is None else None)
-    routing = RoutingReplay(policy.trainable.model, pg) if cfg.train.routing_replay != "none" else None
+    routing = RoutingReplay(policy.trainable.model, pg) if cfg.train.replays_routes else None
 
     state = load_checkpoint(latest, *policy.trainable) if latest else TrainerState(step=0, weight_version=None,
                                                                                   data_cursor={}, extra={})
@@ -427,7 +427,7 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     memory_saver = ["--enable-memory-saver"] if cfg.rollout.release_memory_during_train else []
     if cfg.rollout.mode == "colocated":
         options = [ServerOptions(model=str(start_model), port=free_port(), tp=cfg.rollout.server_tp,
-                                 return_routed_experts=cfg.train.routing_replay == "r3",
+                                 return_routed_experts=cfg.train.routes_from_rollout,
                                  dtype=SERVED_DTYPES[cfg.model.params_dtype], extra_args=memory_saver + list(cfg.rollout.server_args))
                    for _ in range(cfg.rollout.num_servers)]
         # The run handles SIGTERM itself (a checkpoint first); the servers stop when it ends.
@@ -437,7 +437,7 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     else:
         urls = [u if u.startswith("http") else f"http://{u}" for u in cfg.rollout.servers]
     routed = None
-    if cfg.train.routing_replay == "r3":
+    if cfg.train.routes_from_rollout:
         routed = RoutedExperts(policy.spec.moe_layers, policy.spec.config.moe_router_topk)
     client = RolloutClient(urls, request_timeout_s=cfg.rollout.request_timeout_s, max_retries=cfg.rollout.max_retries,
                            routed_experts=routed, on_failure=manager.ensure_alive if manager else None,

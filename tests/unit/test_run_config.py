@@ -295,3 +295,10 @@ def test_data_parallel_size_checks_prompt_and_minibatch_splits():
     with pytest.raises(ConfigError, match="a minibatch of 2 responses .* does not split over the data-parallel size 4"):
         cfg.data_parallel_size(4)
 
+
+
+def test_routing_replay_modes_say_what_each_stage_does():
+    modes = {mode: TrainConfig(routing_replay=mode) for mode in ("none", "r2", "r3")}
+    assert [m.replays_routes for m in modes.values()] == [False, True, True]
+    assert [m.records_routes for m in modes.values()] == [False, True, False]
+    assert [m.routes_from_rollout for m in modes.values()] == [False, False, True]
