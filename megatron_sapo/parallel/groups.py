@@ -42,11 +42,26 @@ def initialize_model_parallel(cfg: ParallelConfig, seed: int = 1234):
         pipeline_model_parallel_size=cfg.pp,
         expert_model_parallel_size=cfg.ep,
         expert_tensor_parallel_size=cfg.etp,
+        # Megatron's groups wait as long as the default group does (its own default: 30 minutes).
+        distributed_timeout_minutes=_default_timeout_minutes(),
     )
     _created.extend(group for group in _c10d_groups() if group not in before)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+def _default_timeout_minutes() -> int:
+    """The default group's collective timeout, in whole minutes (at least 1); 30 where torch does
+    not say (a private attribute of the group's backend options)."""
+    import math
+
+    try:
+        device = torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+        backend = dist.distributed_c10d._get_default_group()._get_backend(device)
+        return max(1, math.ceil(backend.options._timeout.total_seconds() / 60))
+    except (AttributeError, RuntimeError):
+        return 30
 
 
 def destroy_model_parallel() -> None:

@@ -10,6 +10,7 @@ are skipped with the command to use.
 
 import os
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,11 @@ import torch.distributed as dist
 UNDER_TORCHRUN = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 RANK = int(os.environ.get("RANK", "0"))
 RANK_LOG = os.path.join(tempfile.gettempdir(), f"megatron-sapo-tests-rank{RANK}.log")
+COLLECTIVE_TIMEOUT_S = int(os.environ.get("MEGATRON_SAPO_TEST_COLLECTIVE_TIMEOUT_S", "180"))
+"""How long a rank waits in a collective for its peers (gloo's default is 30 minutes): a rank
+that diverged (an exception between collectives) makes the others fail after this, not hang the
+launch until its 50-minute kill. The longest legitimate wait is one rank saving or converting a
+model while the others wait at a barrier, well under a minute here."""
 
 
 @pytest.hookimpl(trylast=True)
@@ -35,7 +41,7 @@ def pytest_configure(config):
             del config._xml
         open(RANK_LOG, "w").close()
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
 
 
 def pytest_unconfigure(config):
@@ -62,16 +68,18 @@ def pytest_collection_modifyitems(config, items):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if not UNDER_TORCHRUN or report.when != "call":
+    if not UNDER_TORCHRUN:
         return
+    # Every phase (fixtures' setup and teardown too): a rank whose setup failed skips the test,
+    # and its peers must skip it as well rather than wait for it in the test's first collective.
     if report.failed and RANK != 0:
         with open(RANK_LOG, "a") as log:
-            log.write(f"FAILED {item.nodeid} on rank {RANK}\n{report.longreprtext}\n\n")
+            log.write(f"FAILED {item.nodeid} ({report.when}) on rank {RANK}\n{report.longreprtext}\n\n")
     failed = torch.tensor([int(report.failed)])
     dist.all_reduce(failed)
     if failed.item() and not report.failed:
         report.outcome = "failed"
-        report.longrepr = f"failed on another rank; see {RANK_LOG.replace('rank0', 'rank<N>')}"
+        report.longrepr = f"{report.when} failed on another rank; see {RANK_LOG.replace('rank0', 'rank<N>')}"
 
 
 @pytest.fixture
