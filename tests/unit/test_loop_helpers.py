@@ -1,0 +1,43 @@
+"""The RL step's small helpers (megatron_sapo/loop.py): a replica's minibatches at DP=2, metric
+means over minibatches, and per-sample sampling seeds."""
+
+import pytest
+import torch
+
+from megatron_sapo.loop import mean_metrics, minibatches, sample_seed
+from megatron_sapo.plan.measure import random_batch
+from megatron_sapo.training.shard import assign_rows
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_each_replica_trains_its_share_of_each_minibatch_at_dp2(balance):
+    lengths = [5, 17, 3, 9, 12, 4, 8, 15, 6, 11, 7, 10]  # 12 rows: 3 minibatches of 4, 2 per replica
+    shares = assign_rows(lengths, minibatches=3, dp_size=2, balance=balance)
+    trained = [[set() for _ in range(3)] for _ in range(2)]
+    for replica, share in enumerate(shares):
+        rows = [row for minibatch in share for row in minibatch]
+        batch = random_batch([lengths[row] for row in rows], vocab=50, seed=replica)
+        batch.tokens[:, 0] = torch.tensor(rows)  # each row says which row of the step it is
+        for m, part in enumerate(minibatches(batch, [len(minibatch) for minibatch in share])):
+            trained[replica][m] = set(part.tokens[:, 0].tolist())
+            assert part.lengths.tolist() == [lengths[row] for row in sorted(trained[replica][m], key=rows.index)]
+    for m in range(3):
+        assert trained[0][m] | trained[1][m] == set(range(4 * m, 4 * m + 4))  # minibatch m, split
+        assert not trained[0][m] & trained[1][m]
+        if not balance:  # equal consecutive shares; balanced ones follow the tokens
+            assert sorted(trained[0][m]) == [4 * m, 4 * m + 1] and sorted(trained[1][m]) == [4 * m + 2, 4 * m + 3]
+
+
+def test_mean_metrics_average_each_key_over_the_minibatches_that_have_it():
+    means = mean_metrics([{"loss": 1.0, "clip_frac_low": 0.2}, {"loss": 3.0}, {"loss": 2.0, "clip_frac_low": 0.4}])
+    assert means == {"loss": pytest.approx(2.0), "clip_frac_low": pytest.approx(0.3)}
+
+
+def test_sample_seeds_are_reproducible_distinct_and_unset_without_a_base():
+    assert sample_seed(None, 1, 0, 0) is None
+    assert sample_seed(1234, 3, 5, 7) == sample_seed(1234, 3, 5, 7)
+    seeds = {sample_seed(1234, step, prompt, sample) for step in range(4) for prompt in range(8) for sample in range(8)}
+    assert len(seeds) == 4 * 8 * 8 and all(0 <= s < 2**62 for s in seeds)
+    assert sample_seed(1235, 0, 0, 0) != sample_seed(1234, 0, 0, 0)
