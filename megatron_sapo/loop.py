@@ -418,7 +418,7 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
                              processor).prompts
     val_prompts = encode_records(val_records, tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_tokens,
                                  processor).prompts
-    sampler = PromptSampler(len(prompts), cfg.rollout.prompts_per_step, dp_rank=0, dp_size=1, seed=cfg.data.seed,
+    sampler = PromptSampler(len(prompts), cfg.rollout.prompts_per_step, seed=cfg.data.seed,
                             shuffle=cfg.data.shuffle)
     if state.data_cursor:
         sampler.load_state_dict(state.data_cursor)

@@ -15,9 +15,9 @@ Choices:
 * The order is a stream of steps: epoch ``e`` is a permutation of the prompts drawn from
   ``(seed, e)``; each step takes the next ``prompts_per_step`` of it, and the tail that does not
   fill a step is dropped (a different tail each epoch), so a step never holds a prompt twice.
-  Data-parallel rank ``r`` of ``d`` takes the ``r``-th contiguous slice of each step. The
-  order does not depend on ``d``, and the cursor is a step count, so a resumed run (even at
-  another data-parallel size) visits exactly the prompts the uninterrupted run would have.
+  Rank 0 samples every prompt of a step (the replicas get their rows after the rollout,
+  ``training/shard.py``). The cursor is a step count, so a resumed run (at any data-parallel
+  size) visits exactly the prompts the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -185,23 +185,18 @@ def _lookup(row: dict, dotted: str) -> object:
 
 
 class PromptSampler:
-    """Which prompt indices this data-parallel rank takes at each step; resumable.
+    """Which prompt indices each step takes; resumable.
 
     See the module docstring for the order. ``state_dict`` holds the step count plus what
     defines the order, so loading it into a sampler of a different order is refused.
     """
 
-    def __init__(self, num_prompts: int, prompts_per_step: int, *, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, shuffle: bool = True):
-        if prompts_per_step < 1 or prompts_per_step % dp_size:
-            raise ValueError(
-                f"prompts_per_step = {prompts_per_step} must be a positive multiple of dp_size = {dp_size}")
+    def __init__(self, num_prompts: int, prompts_per_step: int, *, seed: int = 0, shuffle: bool = True):
+        if prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step = {prompts_per_step} must be >= 1")
         if num_prompts < prompts_per_step:
             raise ValueError(f"the prompt set has {num_prompts} prompts, fewer than one step's {prompts_per_step}")
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
         self.num_prompts, self.prompts_per_step = num_prompts, prompts_per_step
-        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle = seed, shuffle
         self.step = 0  # steps taken so far: the cursor
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation)
@@ -215,11 +210,9 @@ class PromptSampler:
         return self.step // self.steps_per_epoch
 
     def next_indices(self) -> list[int]:
-        """This rank's prompt indices for the next step; advances the cursor."""
+        """The prompt indices of the next step; advances the cursor."""
         start = (self.step % self.steps_per_epoch) * self.prompts_per_step
-        per_rank = self.prompts_per_step // self.dp_size
-        start += self.dp_rank * per_rank
-        indices = self._permutation(self.epoch)[start:start + per_rank]
+        indices = self._permutation(self.epoch)[start:start + self.prompts_per_step]
         self.step += 1
         return indices.tolist()
 

@@ -110,18 +110,6 @@ def steps(sampler, n):
     return [sampler.next_indices() for _ in range(n)]
 
 
-def test_ranks_take_disjoint_slices_whose_union_is_the_global_step():
-    n, per_step, dp = 50, 8, 4
-    global_order = steps(PromptSampler(n, per_step, seed=5), 20)
-    ranks = [steps(PromptSampler(n, per_step, dp_rank=r, dp_size=dp, seed=5), 20) for r in range(dp)]
-    for step in range(20):
-        slices = [ranks[r][step] for r in range(dp)]
-        assert all(len(s) == per_step // dp for s in slices)
-        flat = [i for s in slices for i in s]
-        assert len(set(flat)) == per_step, f"step {step}: ranks overlap"
-        assert flat == global_order[step]
-
-
 def test_each_epoch_visits_distinct_prompts_and_reshuffles():
     sampler = PromptSampler(50, 8, seed=1)
     assert sampler.steps_per_epoch == 6  # 48 of 50 prompts per epoch; the tail of 2 is dropped
@@ -136,23 +124,15 @@ def test_each_epoch_visits_distinct_prompts_and_reshuffles():
 
 
 def test_resume_gives_exactly_the_later_prompts():
-    uninterrupted = PromptSampler(37, 6, dp_rank=1, dp_size=2, seed=9)
+    uninterrupted = PromptSampler(37, 6, seed=9)
     reference = steps(uninterrupted, 25)
-    first = PromptSampler(37, 6, dp_rank=1, dp_size=2, seed=9)
+    first = PromptSampler(37, 6, seed=9)
     assert steps(first, 11) == reference[:11]
     state = json.loads(json.dumps(first.state_dict()))  # it must survive serialisation
-    resumed = PromptSampler(37, 6, dp_rank=1, dp_size=2, seed=9)
+    resumed = PromptSampler(37, 6, seed=9)
     resumed.load_state_dict(state)
     assert steps(resumed, 14) == reference[11:]
 
-    # The order does not depend on the data-parallel size: resumed at dp=3, the three ranks'
-    # slices of each step join into the same step the two ranks of a dp=2 run take.
-    dp2 = [PromptSampler(37, 6, dp_rank=r, dp_size=2, seed=9) for r in range(2)]
-    dp3 = [PromptSampler(37, 6, dp_rank=r, dp_size=3, seed=9) for r in range(3)]
-    for sampler in dp2 + dp3:
-        sampler.load_state_dict(state)
-    joined = {len(group): [sum(parts, []) for parts in zip(*(steps(s, 3) for s in group))] for group in (dp2, dp3)}
-    assert joined[3] == joined[2] and joined[2][0][3:] == reference[11]
 
 
 def test_resume_into_a_different_order_is_refused():
@@ -166,9 +146,8 @@ def test_resume_into_a_different_order_is_refused():
 @pytest.mark.parametrize(
     "args, kwargs, message",
     [
-        ((10, 6), dict(dp_size=4), "prompts_per_step = 6 must be a positive multiple of dp_size = 4"),
+        ((10, 0), {}, "prompts_per_step = 0 must be >= 1"),
         ((5, 6), {}, "the prompt set has 5 prompts, fewer than one step's 6"),
-        ((10, 4), dict(dp_rank=2, dp_size=2), r"dp_rank 2 is not in \[0, 2\)"),
     ],
 )
 def test_sampler_argument_errors(args, kwargs, message):
