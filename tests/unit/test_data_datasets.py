@@ -134,7 +134,6 @@ def test_resume_gives_exactly_the_later_prompts():
     assert steps(resumed, 14) == reference[11:]
 
 
-
 def test_resume_into_a_different_order_is_refused():
     state = PromptSampler(37, 6, seed=9).state_dict()
     with pytest.raises(ValueError, match="the saved seed is 9, this run's is 10"):
