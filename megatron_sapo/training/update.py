@@ -120,22 +120,6 @@ def train_minibatch(model, optimizer, scheduler, batch: TrainBatch, loss_cfg: Lo
                    normalizer=loss_normalizer(batch.loss_mask, loss_cfg.agg), batching=batching, routing=routing)
 
 
-def sft_minibatch(model, optimizer, scheduler, batch: TrainBatch, pg_collection, *, batching: Batching,
-                  true_vocab_size: int, temperature: float = 1.0, routing=None) -> StepMetrics:
-    """One supervised step on ``batch``: mean negative log-likelihood of the ``loss_mask`` tokens
-    over the whole minibatch (all data-parallel ranks). Collective over all ranks."""
-
-    def nll_head(logits, micro: Microbatch, normalizer: torch.Tensor):
-        logp, entropy = row_logprobs(logits, micro, pg_collection.tp, temperature=temperature,
-                                     vocab_size=true_vocab_size, entropy=True)
-        mask = micro.rows.loss_mask.bool()
-        loss = -torch.where(mask, logp, torch.zeros_like(logp)).sum() / normalizer
-        return loss, {"tokens": mask.sum().to(torch.float32), "entropy": masked_mean(entropy.detach(), mask)}
-
-    return _update(model, optimizer, scheduler, batch, pg_collection, nll_head,
-                   normalizer=loss_normalizer(batch.loss_mask, "token-mean"), batching=batching, routing=routing)
-
-
 def _update(model, optimizer, scheduler, batch: TrainBatch, pg_collection, loss_head, *,
             normalizer: torch.Tensor, batching: Batching, routing) -> StepMetrics:
     """Forward+backward over the microbatches of ``batch`` with ``loss_head``, then one optimizer step.

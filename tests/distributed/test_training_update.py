@@ -36,7 +36,7 @@ from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_mod
 from megatron_sapo.training.logprobs import compute_logprobs
 from megatron_sapo.training.microbatch import Batching
 from megatron_sapo.training.optimizer import build_optimizer, current_lr
-from megatron_sapo.training.update import sft_minibatch, train_minibatch
+from megatron_sapo.training.update import train_minibatch
 from megatron_sapo.types import TrainBatch
 
 VOCAB = TINY_QWEN3_MOE["vocab_size"]
@@ -228,19 +228,6 @@ def test_microbatch_split_does_not_change_the_update(layouts, tiny_hf, tmp_path_
         assert_same_weights(run.hf_weights(world), reference["weights"])
         destroy_model_parallel()
     assert abs(results[4].grad_norm - results[1].grad_norm) <= TOL * results[4].grad_norm
-
-
-def test_sft_minibatch_matches_transformers(layouts, tiny_hf, tmp_path_factory, world):
-    batch = make_batch(seed=4)
-    reference = reference_step(tiny_hf, batch, None, OPTIMIZER, shared_dir(tmp_path_factory, "reference"),
-                               temperature=1.0)
-    run = layouts(tiny_hf, tp=2)
-    model, optimizer, scheduler = build_optimizer(run.module, OPTIMIZER, run.pg, total_steps=1)
-    metrics = sft_minibatch(model, optimizer, scheduler, batch, run.pg, batching=Batching(4),
-                            true_vocab_size=VOCAB)
-    assert_step_matches(metrics, reference)
-    assert metrics.ratio_mean is None and metrics.gate_mean is None
-    assert_same_weights(run.hf_weights(world), reference["weights"])
 
 
 def test_learning_rate_warms_up_then_decays(layouts, tiny_hf):
