@@ -9,6 +9,8 @@ listed here is shown as the library wrote it.
 
 from __future__ import annotations
 
+import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -33,10 +35,19 @@ KNOWN_HARMLESS = (
 )
 
 
+QUIET_LOGGERS = ("megatron.core.rerun_state_machine",)
+"""Loggers whose warnings are notices (Megatron announcing its rerun state machine's mode)."""
+
+
 def quiet_known_warnings() -> None:
-    """Ignore the warnings of ``KNOWN_HARMLESS`` in this process."""
+    """Ignore the warnings of ``KNOWN_HARMLESS`` and the notices of ``QUIET_LOGGERS`` in this
+    process, and the progress bars transformers draws while the start model is saved (spawned
+    ranks inherit the environment variable)."""
     for pattern in KNOWN_HARMLESS:
         warnings.filterwarnings("ignore", message=pattern)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def header(cfg: RunConfig, world: int, out_dir: Path) -> str:
@@ -109,4 +120,4 @@ def write_curve(out_dir: Path, curves: dict) -> Path:
     return path
 
 
-__all__ = ["KNOWN_HARMLESS", "header", "quiet_known_warnings", "summary", "write_curve"]
+__all__ = ["KNOWN_HARMLESS", "QUIET_LOGGERS", "header", "quiet_known_warnings", "summary", "write_curve"]

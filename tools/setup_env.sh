@@ -72,7 +72,7 @@ pip_install "${constraints[@]}" --no-deps -e "$repo"
 # makes `import torchvision` (and so transformers' model classes) work in a plain Python of the
 # venv (megatron_sapo/torchvision_compat.py). It runs after the editable install's own .pth.
 site_packages=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-printf '%s\n' 'import importlib.util as _u; _u.find_spec("megatron_sapo") and __import__("megatron_sapo.torchvision_compat").torchvision_compat.install_import_hook()' \
+printf '%s\n' 'import importlib.util as _u; _u.find_spec("megatron_sapo") and getattr(__import__("megatron_sapo.torchvision_compat").torchvision_compat, "install_import_hook", lambda: None)()' \
   > "$site_packages/megatron_sapo_torchvision.pth"
 
 "$venv/bin/python" - <<'PY'
