@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_sapo.config import ConfigError
+from megatron_sapo.errors import InputError
 from megatron_sapo.parallel.spawn import RankError
 
 
@@ -45,8 +45,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that describe bad input (a file, a field, a shape): reported in one line, exit 2.
-USER_ERRORS = (ConfigError, FileExistsError, FileNotFoundError, KeyError, ValueError, RankError)
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors a subcommand reports in one line, ``megatron-sapo COMMAND: error: MESSAGE``, with
+    exit status 2: conditions the user must act on, whose message says what is wrong and where.
+    Anything else, a plain ValueError or KeyError included, is a bug and keeps its traceback.
+
+    The classes of modules the commands may not load (the rollout ones import aiohttp and
+    requests) are imported here, when an error is being reported, not with the CLI."""
+    from megatron_sapo.parallel.launch import LaunchError
+    from megatron_sapo.parallel.megatron_cpu import CompatError
+    from megatron_sapo.rollout.client import RolloutError
+    from megatron_sapo.rollout.manager import ServerStartError
+    from megatron_sapo.training.checkpoint import CheckpointError
+
+    return (
+        InputError,  # bad input the message names: a config value, a file's content, a tensor's name or shape
+        FileExistsError,  # an output folder that exists (the message says to pass --force)
+        FileNotFoundError,  # an input file or folder the message names is missing
+        RankError,  # a spawned rank failed: its traceback is on stderr already, the message is its last line
+        CheckpointError,  # a checkpoint is incomplete, unreadable or saved at another layout: pick another
+        LaunchError,  # the launcher's variables are missing or contradict each other: fix the launch
+        CompatError,  # the installed Megatron-Core is not the one the patches fit: install the pinned version
+        ServerStartError,  # an SGLang server exited or never became healthy: the message names its log
+        RolloutError,  # the servers failed every retry or serve another model: the message lists each failure
+        # Not WeightSyncError: a server refusing an update mostly means the names, shapes or dtypes we
+        # sent are wrong (a bug), and its message can be a bare underlying error; it keeps its traceback.
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return args.func(args)
-    except USER_ERRORS as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"megatron-sapo {args.command}: error: {message}", file=sys.stderr)
+    except Exception as err:
+        if not isinstance(err, user_errors()):
+            raise
+        print(f"megatron-sapo {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from megatron_sapo.errors import InputError
+
 
 LossName = Literal["sapo", "grpo", "gspo"]
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum"]
@@ -30,7 +32,7 @@ DEFAULT_CLIP_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration value is missing, of the wrong type, or out of range."""
 
 

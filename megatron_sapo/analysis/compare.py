@@ -13,6 +13,7 @@ from pathlib import Path
 
 from megatron_sapo.analysis.runs import Run, read_run
 from megatron_sapo.analysis.summary import Summary, group_by_label, summarize
+from megatron_sapo.errors import InputError
 
 PNG_NAME = "compare.png"
 MARKDOWN_NAME = "compare.md"
@@ -41,9 +42,9 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[s
     from megatron_sapo.analysis.report import markdown, plot_comparison, write_png
 
     if not collapse_drop > 0:
-        raise ValueError(f"--collapse-drop must be > 0, got {collapse_drop}")
+        raise InputError(f"--collapse-drop must be > 0, got {collapse_drop}")
     if smooth < 1:
-        raise ValueError(f"--smooth must be >= 1, got {smooth}")
+        raise InputError(f"--smooth must be >= 1, got {smooth}")
     runs = [read_run(path) for path in run_dirs]
     groups = group_by_label(runs, labels)
     by_label = [summarize(label, members, collapse_drop, smooth) for label, members in groups.items()]

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_sapo.config import LOSS_NAMES, ROUTING_REPLAY_MODES, LossConfig, TrainConfig
+from megatron_sapo.errors import InputError
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
@@ -38,7 +39,7 @@ METRIC_KEYS: tuple[str, ...] = (
 )
 
 
-class RunFolderError(ValueError):
+class RunFolderError(InputError):
     """A run folder's config or metrics cannot be read; the message names the file (and line)."""
 
 

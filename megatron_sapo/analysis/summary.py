@@ -17,6 +17,7 @@ import numpy as np
 
 from megatron_sapo.analysis.runs import PASS_AT_1, REWARD, Curve, Run
 from megatron_sapo.config import LossConfig
+from megatron_sapo.errors import InputError
 
 # Per-step statistics whose mean over the run is reported: SAPO's gate, GRPO/GSPO's clipping.
 GATE_AND_CLIP_KEYS: tuple[str, ...] = ("gate_mean", "attenuated_frac", "clip_frac")
@@ -116,7 +117,7 @@ def summarize(label: str, runs: list[Run], collapse_drop: float, smooth: int) ->
     reward = aggregate([run.metrics[REWARD] for run in runs])
     if reward is None:
         folders = ", ".join(str(run.path) for run in runs)
-        raise ValueError(f"{label}: the runs {folders} share no logged step, so their rewards cannot be averaged")
+        raise InputError(f"{label}: the runs {folders} share no logged step, so their rewards cannot be averaged")
     with_eval = [run.metrics[PASS_AT_1] for run in runs if PASS_AT_1 in run.metrics]
     pass_at_1 = aggregate(with_eval) if len(with_eval) == len(runs) else None
     return Summary(
@@ -140,12 +141,12 @@ def group_by_label(runs: list[Run], labels: list[str] | None = None) -> dict[str
     Two runs with the same label and the same seed cannot be seeds of one configuration: that
     is an error naming both folders (give them different ``labels``)."""
     if labels is not None and len(labels) != len(runs):
-        raise ValueError(f"--labels gives {len(labels)} labels for {len(runs)} run folders")
+        raise InputError(f"--labels gives {len(labels)} labels for {len(runs)} run folders")
     groups: dict[str, list[Run]] = {}
     for run, label in zip(runs, labels or [default_label(run) for run in runs]):
         twin = next((other for other in groups.get(label, []) if other.seed == run.seed), None)
         if twin is not None:
-            raise ValueError(f"{twin.path} and {run.path} are both {label!r} with seed {run.seed}; "
+            raise InputError(f"{twin.path} and {run.path} are both {label!r} with seed {run.seed}; "
                              "give them different --labels to compare them")
         groups.setdefault(label, []).append(run)
     return groups

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_sapo.errors import InputError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -27,7 +29,7 @@ DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(InputError):
     """A safetensors file that cannot be read; the message names the file and what is wrong."""
 
 
@@ -90,8 +92,12 @@ class HFCheckpoint:
         self.dir = Path(model_dir)
         index = self.dir / INDEX_FILE
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.dir / file for name, file in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.files = {name: self.dir / file for name, file in weight_map.items()}
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise SafetensorsError(f"{index}: not a JSON object with a weight_map of tensor names to files "
+                                       f"({type(err).__name__}: {err})") from None
         elif (self.dir / SINGLE_FILE).exists():
             self.files = {name: self.dir / SINGLE_FILE for name in read_header(self.dir / SINGLE_FILE)[0]}
         else:
@@ -135,10 +141,10 @@ class HFCheckpoint:
         try:
             path = self.files[name]
         except KeyError:
-            raise KeyError(f"{self.dir}: tensor {name!r} is not in the checkpoint") from None
+            raise InputError(f"{self.dir}: tensor {name!r} is not in the checkpoint") from None
         if path not in self._headers:
             self._headers[path] = read_header(path)
         header, data_start = self._headers[path]
         if name not in header:
-            raise KeyError(f"{path}: tensor {name!r} is listed in {INDEX_FILE} but not in the file")
+            raise SafetensorsError(f"{path}: tensor {name!r} is listed in {INDEX_FILE} but not in the file")
         return path, header[name], data_start

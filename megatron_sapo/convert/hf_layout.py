@@ -28,6 +28,7 @@ from typing import Iterable, Iterator, Literal
 import torch
 
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
+from megatron_sapo.errors import InputError
 
 Kind = Literal["gate_up_proj", "down_proj"]
 GATE_UP: Kind = "gate_up_proj"
@@ -124,7 +125,7 @@ class LogicalCheckpoint:
         if parsed is None or name in self.checkpoint:
             return self.checkpoint.get(name)
         if parsed.stored not in self.checkpoint:
-            raise KeyError(f"{self.dir}: neither {name!r} nor the fused {parsed.stored!r} is in the checkpoint")
+            raise InputError(f"{self.dir}: neither {name!r} nor the fused {parsed.stored!r} is in the checkpoint")
         if not 0 <= parsed.expert < self.fused.num_experts:
             raise KeyError(f"{self.dir}: {name!r} names expert {parsed.expert}; {parsed.stored} holds "
                            f"{self.fused.num_experts} (config.json)")
@@ -166,7 +167,7 @@ class LogicalCheckpoint:
             return None
         if shape in (hub, transposed):
             return shape == hub
-        raise ValueError(f"{self.dir}: {name} has shape {shape}; config.json implies {hub} (Hub orientation) or "
+        raise InputError(f"{self.dir}: {name} has shape {shape}; config.json implies {hub} (Hub orientation) or "
                          f"{transposed} (transformers' orientation) for {self.fused.num_experts} experts, "
                          f"hidden_size={self.fused.hidden_size}, moe_intermediate_size={self.fused.width}")
 

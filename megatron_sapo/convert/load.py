@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
 from megatron_sapo.convert.hf_layout import logical_view
 from megatron_sapo.convert.mapping import Match, MappingTable
+from megatron_sapo.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def load_hf_into_model(model, checkpoint: HFCheckpoint, table: MappingTable, pg_
         full = match.entry.transform.to_megatron(hf_tensors)
         shard = match.entry.split.shard(full, *layout.split_rank(match))
         if shard.shape != param.shape:
-            raise ValueError(
-                f"{name}: HF tensors {match.entry.hf_names(layer, expert)} give a shard of shape "
+            raise InputError(
+                f"{checkpoint.dir}: {name}: HF tensors {match.entry.hf_names(layer, expert)} give a shard of shape "
                 f"{tuple(shard.shape)}, the model expects {tuple(param.shape)}")
         param.copy_(shard)

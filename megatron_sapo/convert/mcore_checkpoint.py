@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from megatron_sapo.convert.hf_checkpoint import copy_tokenizer_files
 from megatron_sapo.convert.output import check_target, partial_dir, partial_path, publish
+from megatron_sapo.errors import InputError
 
 HF_CONFIG_FILE = "hf_config.json"
 
@@ -45,7 +46,10 @@ def read_hf_config(ckpt_dir: str | Path) -> dict:
     path = Path(ckpt_dir) / HF_CONFIG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {ckpt_dir} is not a checkpoint written by megatron-sapo")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path} is not valid JSON: {err}") from None
 
 
 # Fields of config.json that say how a checkpoint was saved or used, not what the model is.

@@ -30,6 +30,7 @@ from megatron_sapo.config import ParallelConfig
 from megatron_sapo.convert import mcore_checkpoint
 from megatron_sapo.convert.commands import DTYPES, add_layout_args, add_transformer_impl_arg, transformer_engine_of
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
+from megatron_sapo.errors import InputError
 from megatron_sapo.models import model_family, read_hf_config
 from megatron_sapo.parallel.collectives import all_gather_cat
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
@@ -111,13 +112,13 @@ def _image_inputs(hf_dir: Path, image_file: str | None, seed: int) -> ParityInpu
         try:
             image = Image.open(image_file).convert("RGB")
         except (OSError, ValueError) as err:
-            raise ValueError(f"--image {image_file}: not a readable image ({err})") from None
+            raise InputError(f"--image {image_file}: not a readable image ({err})") from None
     else:
         image = synthetic_image(seed)
     try:
         processor = AutoProcessor.from_pretrained(hf_dir)
     except (OSError, ValueError) as err:
-        raise ValueError(f"{hf_dir}: no processor to prepare the image with ({err})") from None
+        raise InputError(f"{hf_dir}: no processor to prepare the image with ({err})") from None
     batch = processor(text=[IMAGE_PROMPT], images=[image], return_tensors="pt")
     return ParityInputs(batch["input_ids"], VisionInputs(batch["pixel_values"], batch["image_grid_thw"]), dict(batch))
 

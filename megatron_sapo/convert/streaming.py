@@ -60,6 +60,7 @@ from megatron_sapo.convert.hf_layout import fuse_experts, logical_view
 from megatron_sapo.convert.mapping import MappingTable
 from megatron_sapo.convert.mcore_checkpoint import HF_CONFIG_FILE
 from megatron_sapo.convert.output import check_target, partial_dir, publish
+from megatron_sapo.errors import InputError
 from megatron_sapo.models import model_family, weight_table
 
 MCORE_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -280,7 +281,7 @@ def hf_to_mcore(hf_dir: Path, out: Path, hf_config: dict, dtype: torch.dtype, *,
             return match.entry.transform.to_megatron(tensors).to(dtype)
 
         tmp = partial_dir(out)
-        planner = _LazyHFPlanner(chunks, objects, _checked(resolve_param, chunks), dtype)
+        planner = _LazyHFPlanner(chunks, objects, _checked(resolve_param, chunks, hf_dir), dtype)
         writer = _FilePerGroupWriter(tmp)
         try:
             dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
@@ -305,14 +306,14 @@ def param_shapes(chunks: list[Chunk]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _checked(resolve_param, chunks):
-    """Wrap the resolver with a shape check naming the parameter and its HF sources."""
+def _checked(resolve_param, chunks, hf_dir: Path):
+    """Wrap the resolver with a shape check naming the checkpoint and the parameter."""
     expected = param_shapes(chunks)
 
     def resolve(name):
         tensor = resolve_param(name)
         if tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"{name}: the HF tensors give shape {tuple(tensor.shape)}, "
+            raise InputError(f"{hf_dir}: {name}: the HF tensors give shape {tuple(tensor.shape)}, "
                              f"config.json implies {expected[name]}")
         return tensor
 
@@ -377,9 +378,9 @@ def _stored_shape(ckpt: Path, stored: dict, chunk: Chunk, vocab_size: int) -> tu
     """
     entry = stored.get(chunk.key)
     if entry is None:
-        raise ValueError(f"{ckpt}: no tensor {chunk.key!r}, which the model in {HF_CONFIG_FILE} has")
+        raise InputError(f"{ckpt}: no tensor {chunk.key!r}, which the model in {HF_CONFIG_FILE} has")
     if not isinstance(entry, TensorStorageMetadata):
-        raise ValueError(f"{ckpt}: {chunk.key!r} is stored as an object, not as a tensor")
+        raise InputError(f"{ckpt}: {chunk.key!r} is stored as an object, not as a tensor")
     shape, expected = tuple(entry.size), chunk.global_shape
     if shape == expected:
         return shape
@@ -390,7 +391,7 @@ def _stored_shape(ckpt: Path, stored: dict, chunk: Chunk, vocab_size: int) -> tu
     limit = ""
     if chunk.padded_rows:
         limit = f"; only its row count may differ, and be at least vocab_size={vocab_size}"
-    raise ValueError(f"{ckpt}: tensor {chunk.key!r} has shape {shape}; the model in {HF_CONFIG_FILE} "
+    raise InputError(f"{ckpt}: tensor {chunk.key!r} has shape {shape}; the model in {HF_CONFIG_FILE} "
                      f"implies {expected}{limit}")
 
 

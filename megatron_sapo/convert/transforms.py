@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_sapo.errors import InputError
+
 
 class Identity:
     def to_megatron(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -31,7 +33,7 @@ class PadVocab:
     def to_megatron(self, tensors):
         (tensor,) = tensors
         if tensor.shape[0] != self.true_size:
-            raise ValueError(f"vocabulary dimension is {tensor.shape[0]}; config.json says {self.true_size}")
+            raise InputError(f"vocabulary dimension is {tensor.shape[0]}; config.json says {self.true_size}")
         pad = tensor.new_zeros(self.padded_size - self.true_size, *tensor.shape[1:])
         return torch.cat([tensor, pad], dim=0)
 
@@ -90,7 +92,7 @@ class FlattenPatchConv:
     def to_megatron(self, tensors):
         (tensor,) = tensors
         if tuple(tensor.shape[1:]) != tuple(self.kernel):
-            raise ValueError(f"patch-embedding kernel has shape {tuple(tensor.shape[1:])}; config.json says "
+            raise InputError(f"patch-embedding kernel has shape {tuple(tensor.shape[1:])}; config.json says "
                              f"{tuple(self.kernel)}")
         return tensor.reshape(tensor.shape[0], -1)
 

@@ -25,10 +25,11 @@ from typing import Sequence
 from jinja2 import TemplateError
 
 from megatron_sapo.data.records import IMAGE_PLACEHOLDER, Message, PromptRecord, PromptValue
+from megatron_sapo.errors import InputError
 from megatron_sapo.types import Prompt, VisionInputs
 
 
-class MissingChatTemplateError(ValueError):
+class MissingChatTemplateError(InputError):
     """The tokenizer has no chat template, so prompts cannot be formatted as the model expects."""
 
 
@@ -38,7 +39,7 @@ def prompt_messages(prompt: PromptValue, system_prompt: str | None = None) -> li
     if system_prompt is None:
         return messages
     if any(m["role"] == "system" for m in messages):
-        raise ValueError("the prompt has its own system message and data.system_prompt is set; keep one")
+        raise InputError("the prompt has its own system message and data.system_prompt is set; keep one")
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
@@ -87,7 +88,7 @@ def encode_records(records: Sequence[PromptRecord], tokenizer, system_prompt: st
                 prompt = Prompt(index=0, prompt_ids=list(tokenizer(text, add_special_tokens=False)["input_ids"]),
                                 answer=record.answer, text=text)
         except (ValueError, TemplateError) as err:  # e.g. a template refusing a message order
-            raise ValueError(f"{record.source}: {err}") from None
+            raise InputError(f"{record.source}: {err}") from None
         if len(prompt.prompt_ids) > max_prompt_tokens:
             too_long.append(record.source)
             continue
@@ -113,7 +114,7 @@ def image_messages(prompt: PromptValue, num_images: int, system_prompt: str | No
         placed += sum(part["type"] == "image" for part in parts)
         result.append({"role": message["role"], "content": parts})
     if placed != num_images:
-        raise ValueError(f"the prompt places {placed} image(s) but carries {num_images}")
+        raise InputError(f"the prompt places {placed} image(s) but carries {num_images}")
     return result
 
 
@@ -121,7 +122,7 @@ def encode_image_prompt(processor, record: PromptRecord, system_prompt: str | No
     """A record with images through the chat template and the processor (``index`` 0: the
     caller numbers the prompts it keeps)."""
     if processor is None:
-        raise ValueError("the problem has images but the model has no multimodal processor "
+        raise InputError("the problem has images but the model has no multimodal processor "
                          "(a vision-language model folder holds its processor config)")
     tokenizer = processor.tokenizer
     require_chat_template(tokenizer)
@@ -130,7 +131,7 @@ def encode_image_prompt(processor, record: PromptRecord, system_prompt: str | No
     encoded = processor(text=[text], images=[decode_image(data) for data in record.images], return_tensors="pt")
     vision = VisionInputs(pixel_values=encoded["pixel_values"], image_grid_thw=encoded["image_grid_thw"].long())
     if vision.num_images != len(record.images):
-        raise ValueError(f"the processor made {vision.num_images} image(s) of {len(record.images)}: does the chat "
+        raise InputError(f"the processor made {vision.num_images} image(s) of {len(record.images)}: does the chat "
                          "template write one image placeholder per image part?")
     return Prompt(index=0, prompt_ids=encoded["input_ids"][0].tolist(), answer=record.answer, text=text,
                   images=list(record.images), vision=vision)
@@ -168,11 +169,11 @@ def encode_sft_examples(records: Sequence[PromptRecord], tokenizer, system_promp
     """Supervised pairs: the chat-formatted prompt, and the answer followed by the EOS token.
     Records with images go through ``processor`` as prompts do (``encode_image_prompt``)."""
     if tokenizer.eos_token is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end the completions with")
+        raise InputError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token to end the completions with")
     examples = []
     for record in records:
         if record.answer is None:
-            raise ValueError(f"{record.source}: a supervised pair needs an answer")
+            raise InputError(f"{record.source}: a supervised pair needs an answer")
         completion = list(tokenizer(completion_text(record.answer, tokenizer.eos_token),
                                     add_special_tokens=False)["input_ids"])
         if record.images:

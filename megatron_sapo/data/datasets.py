@@ -32,12 +32,13 @@ from megatron_sapo.config import DataConfig
 from megatron_sapo.data.tasks import get_task
 from megatron_sapo.data.records import (PromptRecord, answer_text, image_placement_problem, prompt_problem,
                                         short_repr)
+from megatron_sapo.errors import InputError
 
 PROMPT_FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".parquet")
 MAX_LISTED_PROBLEMS = 5
 
 
-class MalformedRowsError(ValueError):
+class MalformedRowsError(InputError):
     """Rows of a prompt file could not be read; the message lists where and why."""
 
 
@@ -47,7 +48,7 @@ def load_split(cfg: DataConfig, split: Literal["train", "val"]) -> list[PromptRe
         return get_task(cfg.task).records(split, cfg.seed)
     path = cfg.train_path if split == "train" else cfg.val_path
     if path is None:
-        raise ValueError(f"data.val_path is not set, so there are no {split} prompts")
+        raise InputError(f"data.val_path is not set, so there are no {split} prompts")
     return read_prompt_file(path, cfg.prompt_key, cfg.answer_key, cfg.image_key)
 
 
@@ -56,7 +57,7 @@ def read_prompt_file(path: str | Path, prompt_key: str = "prompt", answer_key: s
     """Every row of a .jsonl or .parquet prompt file, or MalformedRowsError listing bad rows."""
     path = Path(path)
     if path.suffix not in PROMPT_FILE_SUFFIXES:
-        raise ValueError(f"{path}: prompt files must end in {' or '.join(PROMPT_FILE_SUFFIXES)}")
+        raise InputError(f"{path}: prompt files must end in {' or '.join(PROMPT_FILE_SUFFIXES)}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such prompt file")
     rows = (_jsonl_rows(path) if path.suffix == ".jsonl"
@@ -71,7 +72,7 @@ def read_prompt_file(path: str | Path, prompt_key: str = "prompt", answer_key: s
             images = _images(row, image_key, path.parent)
             placement = image_placement_problem(prompt, len(images))
             if placement:
-                raise ValueError(f"field {image_key!r}: {placement}")
+                raise InputError(f"field {image_key!r}: {placement}")
         except ValueError as err:
             problems.append(f"{where}: {err}")
             continue
@@ -80,7 +81,7 @@ def read_prompt_file(path: str | Path, prompt_key: str = "prompt", answer_key: s
         listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
         raise MalformedRowsError(f"{path}: {len(problems)} malformed row(s); the first:\n  {listed}")
     if not records:
-        raise ValueError(f"{path}: the file holds no prompts")
+        raise InputError(f"{path}: the file holds no prompts")
     return records
 
 
@@ -121,14 +122,14 @@ def _parquet_rows(path: Path, keys: list[str], optional: list[str] = ()) -> Iter
 
 def _fields(row: object, prompt_key: str, answer_key: str) -> tuple[object, str]:
     if not isinstance(row, dict):
-        raise ValueError(f"expected an object, got {type(row).__name__}")
+        raise InputError(f"expected an object, got {type(row).__name__}")
     prompt = _lookup(row, prompt_key)
     problem = prompt_problem(prompt)
     if problem:
-        raise ValueError(f"field {prompt_key!r}: {problem}")
+        raise InputError(f"field {prompt_key!r}: {problem}")
     answer = answer_text(_lookup(row, answer_key))
     if answer is None:
-        raise ValueError(f"field {answer_key!r} must be a string or a number, got {_lookup(row, answer_key)!r}")
+        raise InputError(f"field {answer_key!r} must be a string or a number, got {_lookup(row, answer_key)!r}")
     return prompt, answer
 
 
@@ -141,7 +142,7 @@ def _images(row: dict, image_key: str, folder: Path) -> tuple[bytes, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise ValueError(f"field {image_key!r} must be a list of image files, got {short_repr(value)}")
+        raise InputError(f"field {image_key!r} must be a list of image files, got {short_repr(value)}")
     images = []
     for number, item in enumerate(value, start=1):
         data = _image_bytes(item, folder, f"field {image_key!r}, image {number}")
@@ -158,9 +159,9 @@ def _image_bytes(item: object, folder: Path, what: str) -> bytes:
     if isinstance(item, str) and item:
         file = folder / item  # an absolute item replaces the folder
         if not file.is_file():
-            raise ValueError(f"{what}: no image file {item!r} (looked for {file})")
+            raise InputError(f"{what}: no image file {item!r} (looked for {file})")
         return file.read_bytes()
-    raise ValueError(f"{what} must be a file path or bytes, got {short_repr(item)}")
+    raise InputError(f"{what} must be a file path or bytes, got {short_repr(item)}")
 
 
 def _check_decodes(data: bytes, what: str) -> None:
@@ -172,14 +173,14 @@ def _check_decodes(data: bytes, what: str) -> None:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError) as err:  # PIL reports truncation as SyntaxError too
-        raise ValueError(f"{what} is not a readable image ({type(err).__name__}: {err})") from None
+        raise InputError(f"{what} is not a readable image ({type(err).__name__}: {err})") from None
 
 
 def _lookup(row: dict, dotted: str) -> object:
     value: object = row
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise ValueError(f"missing field {dotted!r}")
+            raise InputError(f"missing field {dotted!r}")
         value = value[part]
     return value
 
@@ -195,7 +196,8 @@ class PromptSampler:
         if prompts_per_step < 1:
             raise ValueError(f"prompts_per_step = {prompts_per_step} must be >= 1")
         if num_prompts < prompts_per_step:
-            raise ValueError(f"the prompt set has {num_prompts} prompts, fewer than one step's {prompts_per_step}")
+            raise InputError(f"the prompt set has {num_prompts} prompts, fewer than one step's {prompts_per_step} "
+                             "(rollout.prompts_per_step)")
         self.num_prompts, self.prompts_per_step = num_prompts, prompts_per_step
         self.seed, self.shuffle = seed, shuffle
         self.step = 0  # steps taken so far: the cursor
@@ -230,7 +232,7 @@ class PromptSampler:
     def load_state_dict(self, state: dict) -> None:
         for key in ("num_prompts", "prompts_per_step", "seed", "shuffle"):
             if state[key] != getattr(self, key):
-                raise ValueError(
+                raise InputError(
                     f"cannot resume the prompt order: the saved {key} is {state[key]!r}, this run's is "
                     f"{getattr(self, key)!r}")
         self.step = int(state["step"])

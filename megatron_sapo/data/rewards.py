@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from megatron_sapo.data.math_answers import math_reward
+from megatron_sapo.errors import InputError
 
 RewardFn = Callable[[str, "str | None"], float]
 
@@ -49,7 +50,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 def get_reward(name: str) -> RewardFn:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+        raise InputError(f"unknown reward {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
 
@@ -76,7 +77,7 @@ class RewardScorer:
         try:
             pickle.dumps(reward_fn)
         except (pickle.PicklingError, AttributeError, TypeError) as err:
-            raise ValueError(
+            raise InputError(
                 f"reward function {reward_fn!r} must be importable by name (defined at module level): "
                 f"it runs in a worker process ({err})") from None
         if not timeout_s > 0:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from megatron_sapo.data.synthetic import TASKS as TEXT_TASKS
 from megatron_sapo.data.synthetic import SyntheticTask
 from megatron_sapo.data.synthetic_vl import IMAGE_TASKS, ImageTask
+from megatron_sapo.errors import InputError
 
 TASKS: dict[str, SyntheticTask | ImageTask] = {**TEXT_TASKS, **IMAGE_TASKS}
 
@@ -14,7 +15,7 @@ TASKS: dict[str, SyntheticTask | ImageTask] = {**TEXT_TASKS, **IMAGE_TASKS}
 def get_task(name: str) -> SyntheticTask | ImageTask:
     """A built-in task by name (``data.task``)."""
     if name not in TASKS:
-        raise ValueError(f"unknown synthetic task {name!r}; known: {', '.join(TASKS)}")
+        raise InputError(f"unknown synthetic task {name!r}; known: {', '.join(TASKS)}")
     return TASKS[name]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_sapo.errors import InputError
 from megatron_sapo.models.qwen3_moe import moe_layer_pattern
 
 SHIM_DIR = Path(__file__).with_name("cpu_shim")
@@ -59,7 +60,7 @@ class ServerOptions:
         return (self.device or default_device()) == "cpu"
 
 
-class UnservableModel(ValueError):
+class UnservableModel(InputError):
     """The checkpoint uses something the pinned SGLang would serve wrongly."""
 
 

@@ -19,6 +19,7 @@ from megatron_sapo.config import RunConfig
 from megatron_sapo.convert import mcore_checkpoint
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
 from megatron_sapo.convert.load import load_hf_into_model
+from megatron_sapo.errors import InputError
 from megatron_sapo.models import model_family, read_hf_config, use_transformer_engine, weight_table
 from megatron_sapo.training.checkpoint import weights_dir
 from megatron_sapo.training.optimizer import Trainable, build_optimizer
@@ -111,6 +112,6 @@ def megatron_weights(load_dir: str, hf_config: dict, hf_dir: Path) -> Path:
     if (path / mcore_checkpoint.HF_CONFIG_FILE).exists():
         differ = mcore_checkpoint.config_differences(mcore_checkpoint.read_hf_config(path), hf_config)
         if differ:
-            raise ValueError(f"checkpoint.load_dir = {load_dir}: its model differs from {hf_dir}/config.json in "
+            raise InputError(f"checkpoint.load_dir = {load_dir}: its model differs from {hf_dir}/config.json in "
                              + ", ".join(differ[:5]) + (" ..." if len(differ) > 5 else ""))
     return path

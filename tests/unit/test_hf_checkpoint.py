@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
+from megatron_sapo.convert.hf_checkpoint import HFCheckpoint, SafetensorsError
+from megatron_sapo.errors import InputError
 
 pytestmark = pytest.mark.unit
 
@@ -35,13 +36,16 @@ def test_sharded_index_and_errors(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     checkpoint = HFCheckpoint(tmp_path)
     assert torch.equal(checkpoint.get("x"), torch.ones(2))
-    with pytest.raises(KeyError, match="'y' is listed in model.safetensors.index.json but not in the file"):
+    with pytest.raises(SafetensorsError, match="'y' is listed in model.safetensors.index.json but not in the file"):
         checkpoint.get("y")
-    with pytest.raises(KeyError, match="'z' is not in the checkpoint"):
+    with pytest.raises(InputError, match="'z' is not in the checkpoint"):
         checkpoint.get("z")
     index["weight_map"]["w"] = "part-2.safetensors"
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match="part-2.safetensors is listed"):
+        HFCheckpoint(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(SafetensorsError, match=r"index\.json: not a JSON object with a weight_map .*KeyError"):
         HFCheckpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="neither"):
         HFCheckpoint(tmp_path / "nowhere")

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
 from megatron_sapo.convert.hf_layout import ExpertFuser, ExpertName, FusedExperts, LogicalCheckpoint, fuse_experts
+from megatron_sapo.errors import InputError
 
 pytestmark = pytest.mark.unit
 
@@ -99,11 +100,11 @@ def test_reading_errors_name_the_tensor(tmp_path):
     fused = hub_fused(logical, SIZES, 0)
     fused[f"{LAYER.format(0)}.down_proj"] = torch.zeros(3, 6, 11)  # neither [3, 6, 10] nor [3, 10, 6]
     view = LogicalCheckpoint(write(tmp_path, fused), SIZES)
-    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.experts\.down_proj has shape \(3, 6, 11\); config\.json "
+    with pytest.raises(InputError, match=r"layers\.0\.mlp\.experts\.down_proj has shape \(3, 6, 11\); config\.json "
                                          r"implies \(3, 6, 10\) \(Hub orientation\) or \(3, 10, 6\)"):
         view.get(f"{LAYER.format(0)}.1.down_proj.weight")
-    with pytest.raises(KeyError, match=r"neither .*layers\.5\.mlp\.experts\.0\.gate_proj\.weight.* nor the fused "
-                                       r".*layers\.5\.mlp\.experts\.gate_up_proj"):
+    with pytest.raises(InputError, match=r"neither .*layers\.5\.mlp\.experts\.0\.gate_proj\.weight.* nor the fused "
+                                         r".*layers\.5\.mlp\.experts\.gate_up_proj"):
         view.get(f"{LAYER.format(5)}.0.gate_proj.weight")
     with pytest.raises(KeyError, match="names expert 3; .* holds 3"):
         view.get(f"{LAYER.format(0)}.3.gate_proj.weight")
