@@ -18,10 +18,14 @@ from megatron_sapo.errors import InputError
 LossName = Literal["sapo", "grpo", "gspo"]
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum"]
 KLEstimator = Literal["k1", "k3"]
+BehaviorLogprobs = Literal["recompute", "rollout"]
+RolloutCorrection = Literal["none", "tis", "mis", "icepop"]
 
 LOSS_NAMES: tuple[str, ...] = get_args(LossName)
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 KL_ESTIMATORS: tuple[str, ...] = get_args(KLEstimator)
+BEHAVIOR_LOGPROBS: tuple[str, ...] = get_args(BehaviorLogprobs)
+ROLLOUT_CORRECTIONS: tuple[str, ...] = get_args(RolloutCorrection)
 
 # Published clipping ranges, used when eps_low / eps_high are left unset. GRPO ranges apply to
 # token ratios (clip-higher 0.28); GSPO's apply to length-normalised sequence ratios, which sit
@@ -63,6 +67,20 @@ class LossConfig:
     """KL estimator: "k1" (log ratio) or "k3" (low-variance, always >= 0)."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus (0 disables it)."""
+    behavior_logprobs: BehaviorLogprobs = "recompute"
+    """The behaviour policy's log-probs (the ratio's denominator): "recompute" runs the trainer's
+    forward over the step's rows before the updates; "rollout" takes the log-probs the servers
+    returned and skips that pass (no rollout correction then: it compares the two)."""
+    rollout_correction: RolloutCorrection = "none"
+    """Correction for the servers sampling from a different policy than the trainer's (kernels,
+    precision, stale weights), from ``rho = exp(old - rollout)`` per token: "tis" truncated
+    importance weights clip(rho, low, high); "mis" masks whole sequences whose geometric-mean
+    ratio leaves [low, high] and weights the rest by it; "icepop" masks tokens whose rho leaves
+    [low, high] and weights the rest by rho (``algo/correction.py``)."""
+    rollout_correction_low: float = 0.5
+    """Lower end of the correction's band (>= 0)."""
+    rollout_correction_high: float = 2.0
+    """Upper end of the correction's band (> rollout_correction_low)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,10 +104,20 @@ class LossConfig:
             raise ConfigError(f"loss.eps_low must be < 1 (the ratio floor is 1 - eps_low), got {self.eps_low}")
         if self.dual_clip_c is not None and not self.dual_clip_c > 1:
             raise ConfigError(f"loss.dual_clip_c must be > 1 or unset, got {self.dual_clip_c}")
-        for key in ("kl_coef", "entropy_coef"):
+        for key in ("kl_coef", "entropy_coef", "rollout_correction_low"):
             value = getattr(self, key)
-            if not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"loss.{key} must be a number >= 0, got {value!r}")
+        _check_choice("loss.behavior_logprobs", self.behavior_logprobs, BEHAVIOR_LOGPROBS)
+        _check_choice("loss.rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
+        _check_positive("loss.rollout_correction_high", self.rollout_correction_high)
+        if not self.rollout_correction_low < self.rollout_correction_high:
+            raise ConfigError(f"loss.rollout_correction_low = {self.rollout_correction_low} must be below "
+                              f"loss.rollout_correction_high = {self.rollout_correction_high}")
+        if self.behavior_logprobs == "rollout" and self.rollout_correction != "none":
+            raise ConfigError(f'loss.rollout_correction = "{self.rollout_correction}" compares the trainer\'s '
+                              'log-probs with the servers\', which loss.behavior_logprobs = "rollout" does not compute; '
+                              'use "recompute" or rollout_correction = "none"')
 
     def replace(self, **changes) -> "LossConfig":
         return dataclasses.replace(self, **changes)
@@ -253,6 +281,8 @@ TransformerImpl = Literal["auto", "local", "transformer_engine"]
 TRANSFORMER_IMPLS: tuple[str, ...] = get_args(TransformerImpl)
 RolloutMode = Literal["colocated", "disaggregated"]
 ROLLOUT_MODES: tuple[str, ...] = get_args(RolloutMode)
+PartialRollout = Literal["wait", "abort", "continue"]
+PARTIAL_ROLLOUTS: tuple[str, ...] = get_args(PartialRollout)
 WeightSyncMethod = Literal["tensor", "distributed", "disk"]
 WEIGHT_SYNC_METHODS: tuple[str, ...] = get_args(WeightSyncMethod)
 RoutingReplayMode = Literal["none", "r2", "r3"]
@@ -357,6 +387,17 @@ class RolloutConfig:
     release_memory_during_train: bool = False
     """Colocated on GPUs: have SGLang release its KV cache and weights while the trainer runs
     (SGLang ``--enable-memory-saver``), resume the weights before the sync and the cache after."""
+    max_staleness: int = 0
+    """k: the servers may generate the groups of step n with the weights of step n - 1 - k at
+    the oldest, so with k >= 1 they generate the next steps' groups while the trainer trains
+    (0: generate, then train, strictly in turn). See ``rollout/pipeline.py``."""
+    partial: PartialRollout = "wait"
+    """What a weight sync does to generation in flight (k >= 1): "wait" lets it finish first
+    (each step's groups come from one defined weight version: runs are reproducible); "abort"
+    pauses the servers, drops the requests in flight and samples them again under the new
+    weights; "continue" pauses, syncs and continues them from their prefix, each token keeping
+    the version and log-prob it was sampled with. Neither of the last two waits, and neither is
+    reproducible (which requests the sync interrupts depends on timing)."""
 
     def __post_init__(self) -> None:
         _check_choice("rollout.mode", self.mode, ROLLOUT_MODES)
@@ -385,6 +426,15 @@ class RolloutConfig:
                               f"got {self.release_memory_during_train!r}")
         if self.release_memory_during_train and self.mode != "colocated":
             raise ConfigError('rollout.release_memory_during_train needs rollout.mode = "colocated"')
+        _check_int("rollout.max_staleness", self.max_staleness, 0)
+        _check_choice("rollout.partial", self.partial, PARTIAL_ROLLOUTS)
+        if self.max_staleness and self.release_memory_during_train:
+            raise ConfigError(f"rollout.max_staleness = {self.max_staleness} overlaps generation with training, "
+                              "but rollout.release_memory_during_train frees the servers' memory while the trainer "
+                              "runs, so they cannot generate then; set one of them off")
+        if self.partial != "wait" and not self.max_staleness:
+            raise ConfigError(f'rollout.partial = "{self.partial}" needs rollout.max_staleness >= 1 (with 0 nothing '
+                              "is generating when the weights sync)")
 
     @property
     def samples_per_step(self) -> int:
@@ -605,6 +655,10 @@ class RunConfig:
         if self.loss.kl_coef > 0:
             raise ConfigError(f"loss.kl_coef = {self.loss.kl_coef}: the trainer computes no reference-policy "
                               "log-probs, which the KL term needs; set loss.kl_coef = 0")
+        if self.loss.behavior_logprobs == "rollout" and self.train.records_routes:
+            raise ConfigError('loss.behavior_logprobs = "rollout" skips the old-log-prob pass, which records the '
+                              'routes train.routing_replay = "r2" replays; use "r3" (the rollout\'s routes) or '
+                              '"recompute"')
         if self.train.routing_replay != "none" and not self.router.routing_replay:
             raise ConfigError(f"train.routing_replay = {self.train.routing_replay!r} needs router.routing_replay = true")
         longest = self.data.max_prompt_tokens + max(self.rollout.max_new_tokens, self.eval.max_new_tokens or 0)

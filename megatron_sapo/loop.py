@@ -3,8 +3,12 @@
     prompts -> rollout (G samples each, SGLang) -> rewards -> group advantages
     -> each data-parallel replica receives its own rows
     -> old log-probs on those rows (Megatron forward; routes recorded for R2)
+    -> rollout correction weights (loss.rollout_correction)
     -> k minibatch updates with the policy loss (SAPO | GRPO | GSPO)
     -> weight sync to SGLang -> metrics -> evaluation -> checkpoint
+
+With ``rollout.max_staleness = k >= 1`` the servers generate the next steps' groups while the
+trainer trains, from weights at most ``k`` syncs old (``rollout/pipeline.py``).
 
 A stop signal (SIGTERM, SIGUSR1) or the file OUTPUT/STOP ends the run after the step under
 way, with a checkpoint.
@@ -20,7 +24,7 @@ resumed from step N continues exactly like a run that never stopped.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import sys
 import time
 from contextlib import contextmanager
@@ -31,10 +35,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_sapo.algo import gate_diagnostics, group_advantages
+from megatron_sapo.algo.correction import correction_metrics, correction_sums, rollout_correction
 from megatron_sapo.config import RunConfig
 from megatron_sapo.config_file import dump_config
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.rollout.client import RolloutClient, RoutedExperts, SamplingParams
+from megatron_sapo.rollout.pipeline import STATE_FILE, RolloutPipeline, sample_seed, staleness, version_step
 from megatron_sapo.rollout.weight_sync import ServerEndpoint, WeightSync
 from megatron_sapo.parallel.collectives import comm_device
 from megatron_sapo.training.batch import build_train_batch, compact_routes, image_layout
@@ -54,7 +60,7 @@ class Rollout:
     """Rank 0's side of the run."""
 
     client: RolloutClient
-    prompts: list[Prompt]
+    pipeline: RolloutPipeline
     val_prompts: list[Prompt]
     sampler: object
     scorer: object
@@ -94,7 +100,7 @@ class Run:
 def rl_step(run: Run) -> dict[str, float]:
     cfg, step = run.cfg, run.step
     with run.timed("rollout"):
-        groups = generate_groups(run, step) if run.rollout else None
+        groups = rollout_groups(run, step)
     with run.timed("reward"):
         rollout_metrics = score_groups(run, groups) if run.rollout else {}
         batch, minibatch_rows = receive_rows(run, groups)
@@ -102,9 +108,13 @@ def rl_step(run: Run) -> dict[str, float]:
     if release:
         run.rollout.client.release_memory()
     with run.timed("old_logprobs"):
-        batch.old_logprobs = old_logprobs(run, batch)
+        if cfg.loss.behavior_logprobs == "rollout":
+            batch.old_logprobs = batch.rollout_logprobs
+        else:
+            batch.old_logprobs = old_logprobs(run, batch)
         if cfg.train.records_routes:
             batch.routes = run.routing.recorded
+    behaviour_metrics = correct_rollout(run, batch)
     update_metrics = []
     with run.timed("train"):
         for minibatch in minibatches(batch, minibatch_rows):
@@ -115,11 +125,10 @@ def rl_step(run: Run) -> dict[str, float]:
     if release:
         run.rollout.client.resume_memory(("weights",))
     with run.timed("weight_sync"):
-        run.sync.sync(version=f"step-{step}")
+        sync_weights(run, step)
     if release:
         run.rollout.client.resume_memory(("kv_cache",))
-    metrics = {**rollout_metrics, **mean_metrics([m.as_dict() for m in update_metrics]),
-               "logprob_mismatch": logprob_mismatch(batch, run.pg),
+    metrics = {**rollout_metrics, **mean_metrics([m.as_dict() for m in update_metrics]), **behaviour_metrics,
                "train_token_util": sum(m.real_tokens for m in update_metrics)
                / sum(m.processed_tokens for m in update_metrics), **replica_load(batch, run.pg)}
     clipped = [metrics[k] for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual") if k in metrics]
@@ -135,22 +144,37 @@ def rl_step(run: Run) -> dict[str, float]:
     return metrics
 
 
-def generate_groups(run: Run, step: int) -> list[Group]:
-    """Rank 0: this step's prompts, G seeded samples each."""
-    cfg, rollout = run.cfg, run.rollout
-    prompts = [rollout.prompts[i] for i in rollout.sampler.next_indices()]
-    seeds = [[sample_seed(cfg.rollout.sampling_seed, step, p.index, j) for j in range(cfg.rollout.group_size)]
-             for p in prompts]
-    sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                              max_new_tokens=cfg.rollout.max_new_tokens)
-    return rollout.client.generate_groups(prompts, cfg.rollout.group_size, sampling, seeds, rid_prefix=f"step{step}")
+def rollout_groups(run: Run, step: int) -> list[Group] | None:
+    """This step's groups on rank 0 (None elsewhere), every sample within the staleness bound
+    (collective). A server that died and was restarted serves its start weights: its samples are
+    sampled again once every server holds the current ones."""
+    groups = run.rollout.pipeline.groups(step) if run.rollout else None
+    while True:
+        stale = None
+        if run.rollout:
+            stale = [(g, s) for g, group in enumerate(groups) for s, sample in enumerate(group.samples)
+                     if staleness(sample, step) > run.cfg.rollout.max_staleness]
+        count = [len(stale) if stale is not None else None]
+        dist.broadcast_object_list(count, src=0)
+        if not count[0]:
+            return groups
+        if run.rollout:
+            print(f"step {step}: {count[0]} samples came from weights older than rollout.max_staleness allows "
+                  "(a restarted server); syncing the current weights and sampling them again", file=sys.stderr,
+                  flush=True)
+        sync_weights(run, step - 1)
+        if run.rollout:
+            run.rollout.pipeline.resample(step, groups, stale)
 
 
-def sample_seed(base: int | None, step: int, prompt_index: int, sample_index: int) -> int | None:
-    if base is None:
-        return None
-    digest = hashlib.blake2b(f"{base}/{step}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
+def sync_weights(run: Run, version: int) -> None:
+    """Collective: the trainer's weights, as version ``version``, to every server (rank 0 lets
+    generation in flight finish or pauses it first, ``rollout.partial``)."""
+    if run.rollout:
+        run.rollout.pipeline.before_sync()
+    run.sync.sync(version=f"step-{version}")
+    if run.rollout:
+        run.rollout.pipeline.after_sync(version)
 
 
 def score_groups(run: Run, groups: list[Group]) -> dict[str, float]:
@@ -169,14 +193,16 @@ def score_groups(run: Run, groups: list[Group]) -> dict[str, float]:
             "reward_errors": scores.errors, "reward_timeouts": scores.timeouts,
             "response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
             "response_truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
-            "rollout_retries": rollout.client.retries, "rollout_weight_step": rollout_weight_step(samples)}
+            "rollout_retries": rollout.client.retries, "rollout_sync_interrupted": rollout.client.sync_interrupted,
+            **staleness_metrics(samples, run.step)}
 
 
-def rollout_weight_step(samples: list) -> float:
-    """The RL step whose synced weights generated the samples (0: the starting weights), from the
-    weight version the servers report ("step-N"); the oldest when they differ."""
-    versions = [s.weight_version or "" for s in samples]
-    return float(min(int(v.removeprefix("step-")) if v.startswith("step-") else 0 for v in versions))
+def staleness_metrics(samples: list, step: int) -> dict[str, float]:
+    """How many weight versions the samples lag the policy this step trains (the oldest token's
+    version for a sample continued across a sync), and the oldest version that sampled any."""
+    ages = [staleness(s, step) for s in samples]
+    return {"rollout_staleness_mean": sum(ages) / len(ages), "rollout_staleness_max": float(max(ages)),
+            "rollout_weight_step": float(min(version_step(s.weight_version) for s in samples))}
 
 
 def replica_rows(run: Run, groups: list[Group]) -> list[ReplicaRows]:
@@ -225,14 +251,32 @@ def mean_metrics(per_minibatch: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(m[k] for m in per_minibatch if k in m) / sum(k in m for m in per_minibatch) for k in keys}
 
 
-def logprob_mismatch(batch: TrainBatch, pg) -> float:
-    """Mean |trainer log-prob - rollout log-prob| over the step's response tokens, all
-    replicas together (train/rollout drift)."""
-    mask = batch.loss_mask
-    sums = torch.stack([((batch.old_logprobs - batch.rollout_logprobs).abs() * mask).sum(), mask.sum()])
-    sums = sums.to(comm_device(pg.dp_cp), torch.float64)
-    dist.all_reduce(sums, group=pg.dp_cp)
-    return sums[0].item() / max(sums[1].item(), 1.0)
+def correct_rollout(run: Run, batch: TrainBatch) -> dict[str, float]:
+    """The rollout correction on this replica's rows (``loss.rollout_correction``: token weights,
+    and tokens or sequences leaving the loss and its normaliser), and the step's train/rollout
+    metrics over all replicas: mean |old - rollout| log-prob, k3 KL, and what the correction did.
+    None of this exists with ``loss.behavior_logprobs = "rollout"`` (the two are the same)."""
+    loss = run.cfg.loss
+    if loss.behavior_logprobs == "rollout":
+        return {}
+    correction = rollout_correction(batch.old_logprobs, batch.rollout_logprobs, batch.loss_mask,
+                                    loss.rollout_correction, loss.rollout_correction_low,
+                                    loss.rollout_correction_high, logratio_clamp=loss.logratio_clamp)
+    mask = batch.loss_mask.bool()
+    mismatch = torch.where(mask, (batch.old_logprobs - batch.rollout_logprobs).abs(), 0.0).sum()
+    group = run.pg.dp_cp
+    sums = torch.cat([correction_sums(correction, batch.old_logprobs, batch.rollout_logprobs, batch.loss_mask),
+                      mismatch.reshape(1).to(torch.float64)]).to(comm_device(group))
+    largest = sums[4].clone()
+    dist.all_reduce(sums, group=group)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+    metrics = correction_metrics(sums[:4].cpu(), largest.item())
+    metrics["logprob_mismatch"] = sums[5].item() / max(sums[2].item(), 1.0)
+    if loss.rollout_correction == "none":
+        return {key: metrics[key] for key in ("rollout_kl", "logprob_mismatch")}
+    batch.token_weights = correction.weights
+    batch.loss_mask = correction.keep.to(batch.loss_mask.dtype)
+    return metrics
 
 
 def replica_load(batch: TrainBatch, pg) -> dict[str, float]:
@@ -279,7 +323,7 @@ def evaluate(run: Run) -> dict[str, float]:
     seeds = [[sample_seed(cfg.rollout.sampling_seed, -1 - run.step, p.index, j) for j in range(k)] for p in problems]
     sampling = SamplingParams(temperature=cfg.eval.temperature,
                               max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
-    groups = rollout.client.generate_groups(problems, k, sampling, seeds, rid_prefix=f"eval{run.step}")
+    groups = rollout.pipeline.generate(problems, k, sampling, seeds, rid_prefix=f"eval{run.step}")
     responses = [rollout.tokenizer.decode(s.response_ids, skip_special_tokens=True) for g in groups for s in g.samples]
     scores = rollout.scorer.score(responses, [g.prompt.answer for g in groups for _ in g.samples])
     return {"pass_at_1": sum(scores.scores) / len(scores.scores), "eval_problems": len(problems)}
@@ -384,6 +428,8 @@ def start(cfg: RunConfig, out_dir: Path, pg, resume: bool) -> Run:
     # sends them its own before the first step.
     if latest is not None or cfg.checkpoint.load_dir is not None:
         sync.sync(version=state.weight_version or f"step-{state.step}")
+    if rollout is not None and latest is not None and (latest / STATE_FILE).exists():
+        rollout.pipeline.load_state_dict(torch.load(latest / STATE_FILE, weights_only=True))
     return run
 
 
@@ -441,24 +487,32 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
         routed = RoutedExperts(policy.spec.moe_layers, policy.spec.config.moe_router_topk)
     client = RolloutClient(urls, request_timeout_s=cfg.rollout.request_timeout_s, max_retries=cfg.rollout.max_retries,
                            routed_experts=routed, on_failure=manager.ensure_alive if manager else None,
-                           image_token_id=layout.image_token_id if layout else None)
+                           image_token_id=layout.image_token_id if layout else None, partial=cfg.rollout.partial)
+    pipeline = RolloutPipeline(client, prompts, sampler, cfg.rollout, version=version_step(state.weight_version),
+                               last_step=cfg.train.steps)
     scorer = RewardScorer(get_reward(reward_name(cfg.data)), cfg.data.reward_timeout_s)
     log = RunLog(out_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step)
-    return Rollout(client=client, prompts=prompts, val_prompts=val_prompts, sampler=sampler, scorer=scorer,
+    return Rollout(client=client, pipeline=pipeline, val_prompts=val_prompts, sampler=sampler, scorer=scorer,
                    manager=manager, log=log, tokenizer=tokenizer)
 
 
 def checkpoint(run: Run) -> None:
     cursor = run.rollout.sampler.state_dict() if run.rollout else {}
     state = TrainerState(step=run.step, weight_version=f"step-{run.step}", data_cursor=cursor, extra={})
+    files = {}
+    if run.rollout:  # the groups generated ahead of the trainer (rollout/pipeline.py)
+        buffer = io.BytesIO()
+        torch.save(run.rollout.pipeline.state_dict(), buffer)
+        files[STATE_FILE] = buffer.getvalue()
     save_checkpoint(run.out_dir / "checkpoints", state, *run.policy.trainable,
                     run_config_text=dump_config(run.cfg), hf_config=run.policy.hf_config,
-                    keep_last=run.cfg.checkpoint.keep_last)
+                    keep_last=run.cfg.checkpoint.keep_last, rank0_files=files)
 
 
 def stop(run: Run) -> None:
     run.sync.close()
     if run.rollout:
+        run.rollout.pipeline.close()
         run.rollout.scorer.close()
         run.rollout.log.close()
         if run.rollout.manager:

@@ -86,7 +86,12 @@ class Sample:
     finish_reason: str
     """"stop" (EOS or stop string), "length" (max_new_tokens) or "abort"."""
     weight_version: str | None = None
-    """Weight version the engine reported for this sample."""
+    """Weight version the engine reported for this sample (the oldest, if a weight sync came
+    while it was sampled)."""
+    token_versions: list[tuple[int, str | None]] | None = None
+    """(first response token, weight version) of each run of tokens sampled under one version
+    when a weight sync came in the middle of the response (``rollout.partial = "continue"``);
+    None: every token under ``weight_version``."""
     routed_experts: np.ndarray | None = None
     """int32 ``[len(prompt_ids) + len(response_ids) - 1, moe_layers, top_k]``: experts chosen
     while reading each input token (R3); None unless requested."""
@@ -148,6 +153,8 @@ class TrainBatch:
     """float rollout-engine log-prob of each target (0 where masked)."""
     old_logprobs: torch.Tensor | None = None
     """float log-prob of each target under the trainer's policy before the update."""
+    token_weights: torch.Tensor | None = None
+    """float rollout-correction weight of each target (``algo/correction.py``); None: 1."""
     routes: list[torch.Tensor] | None = None
     """Per row, the experts to replay at each input position but the last: ``[length - 1,
     moe_layers, top_k]`` in ``route_dtype`` (R2: recorded; R3: from the rollout), on the CPU."""
@@ -181,7 +188,8 @@ class TrainBatch:
         return dataclasses.replace(
             self, tokens=move(self.tokens), targets=move(self.targets), loss_mask=move(self.loss_mask),
             advantages=move(self.advantages), rollout_logprobs=move(self.rollout_logprobs),
-            old_logprobs=move(self.old_logprobs), position_ids=move(self.position_ids))
+            old_logprobs=move(self.old_logprobs), token_weights=move(self.token_weights),
+            position_ids=move(self.position_ids))
 
     @property
     def vision_inputs(self) -> VisionInputs | None:
@@ -197,7 +205,8 @@ class TrainBatch:
         return TrainBatch(
             tokens=self.tokens[rows], targets=self.targets[rows], loss_mask=self.loss_mask[rows],
             advantages=self.advantages[rows], rollout_logprobs=self.rollout_logprobs[rows],
-            old_logprobs=pick(self.old_logprobs), routes=None if self.routes is None else _pick_rows(self.routes, rows),
+            old_logprobs=pick(self.old_logprobs), token_weights=pick(self.token_weights),
+            routes=None if self.routes is None else _pick_rows(self.routes, rows),
             position_ids=None if self.position_ids is None else self.position_ids[:, rows],
             vision=None if self.vision is None else _pick_rows(self.vision, rows),
             lengths=None if self.lengths is None else self.lengths[rows.cpu() if torch.is_tensor(rows) else rows])
@@ -211,7 +220,7 @@ class TrainBatch:
         return dataclasses.replace(
             self, tokens=cut(self.tokens), targets=cut(self.targets), loss_mask=cut(self.loss_mask),
             rollout_logprobs=cut(self.rollout_logprobs), old_logprobs=cut(self.old_logprobs),
-            position_ids=cut(self.position_ids))
+            token_weights=cut(self.token_weights), position_ids=cut(self.position_ids))
 
 
 def route_dtype(num_experts: int) -> torch.dtype:

@@ -46,6 +46,7 @@ def policy_loss(
     normalizer: torch.Tensor | float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy loss of ``cfg.name`` for ``[B, T]`` log-probs of the sampled tokens.
 
@@ -59,13 +60,16 @@ def policy_loss(
         ref_logprobs: reference policy log-probs ``[B, T]``, required when ``cfg.kl_coef > 0``.
         entropy: per-token entropy ``[B, T]`` (differentiable), required when
             ``cfg.entropy_coef > 0``; reported in the metrics whenever given.
+        token_weights: ``[B, T]`` constants multiplying each token's objective (the rollout
+            correction's weights, ``algo/correction.py``); None: 1.
 
     Returns:
         ``(loss, metrics)``: a 0-dim loss and a dict of 0-dim tensors (no host syncs);
         metric means are over this call's response tokens.
     """
     mask = loss_mask.bool()
-    advantages = _validate(logprobs, old_logprobs, advantages, mask, cfg, normalizer, ref_logprobs, entropy)
+    advantages = _validate(logprobs, old_logprobs, advantages, mask, cfg, normalizer, ref_logprobs, entropy,
+                           token_weights)
     if normalizer is None:
         normalizer = loss_normalizer(mask, cfg.agg)
 
@@ -87,6 +91,8 @@ def policy_loss(
         objective = gates.clipped_objective(ratio, advantages, cfg.eps_low, cfg.eps_high, cfg.dual_clip_c)
         metrics.update(_clip_metrics(ratio.detach(), advantages, mask, cfg))
 
+    if token_weights is not None:
+        objective = objective * token_weights.detach().to(objective.dtype)
     token_loss = -objective
     if cfg.kl_coef > 0:
         kl = kl_penalty(logprobs, ref_logprobs, mask, cfg.kl_estimator)
@@ -169,12 +175,14 @@ def _clip_metrics(ratio, advantages, mask, cfg: LossConfig) -> dict[str, torch.T
     return metrics
 
 
-def _validate(logprobs, old_logprobs, advantages, mask, cfg, normalizer, ref_logprobs, entropy) -> torch.Tensor:
+def _validate(logprobs, old_logprobs, advantages, mask, cfg, normalizer, ref_logprobs, entropy,
+              token_weights) -> torch.Tensor:
     """Check shapes and values; return advantages broadcast to ``[B, T]``."""
     if logprobs.dim() != 2:
         raise ValueError(f"logprobs must be [B, T]; got shape {tuple(logprobs.shape)}")
     shape = logprobs.shape
-    named = {"old_logprobs": old_logprobs, "loss_mask": mask, "ref_logprobs": ref_logprobs, "entropy": entropy}
+    named = {"old_logprobs": old_logprobs, "loss_mask": mask, "ref_logprobs": ref_logprobs, "entropy": entropy,
+             "token_weights": token_weights}
     for name, tensor in named.items():
         if tensor is not None and tensor.shape != shape:
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}; expected {tuple(shape)} like logprobs")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import aiohttp
@@ -70,9 +70,11 @@ class RolloutClient:
     def __init__(self, urls: list[str], *, request_timeout_s: float = 600.0, max_retries: int = 3,
                  backoff_s: float = 1.0, routed_experts: RoutedExperts | None = None,
                  on_failure: Callable[[str], Awaitable[None] | None] | None = None,
-                 image_token_id: int | None = None) -> None:
+                 image_token_id: int | None = None, partial: str = "abort") -> None:
         """``image_token_id``: the model's image placeholder (``config.json`` ``image_token_id``),
-        needed only for prompts with images."""
+        needed only for prompts with images. ``partial``: what becomes of a request that
+        :meth:`pause_for_sync` stopped: "abort" samples it again from the start, "continue"
+        continues it from the tokens it had (``rollout.partial``)."""
         if not urls:
             raise ValueError("RolloutClient needs at least one server URL")
         self.urls = [u.rstrip("/") for u in urls]
@@ -82,8 +84,12 @@ class RolloutClient:
         self.routed_experts = routed_experts
         self.on_failure = on_failure
         self.image_token_id = image_token_id
+        self.partial = partial
         self.retries = 0
         """Requests retried since the client was made (for metrics)."""
+        self.sync_interrupted = 0
+        """Requests a pause for a weight sync stopped (sampled again or continued)."""
+        self._pauses = 0
         self._in_flight = dict.fromkeys(self.urls, 0)
 
     # ---- generation ---------------------------------------------------------------------------
@@ -111,31 +117,57 @@ class RolloutClient:
         return [Group(prompt=p, samples=list(samples[i * group_size:(i + 1) * group_size]))
                 for i, p in enumerate(prompts)]
 
+    async def asample(self, prompt: Prompt, sampling: SamplingParams, seed: int | None, rid: str) -> Sample:
+        """One response to ``prompt``."""
+        timeout = aiohttp.ClientTimeout(total=self.request_timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            return await self._sample(session, prompt.prompt_ids, self._prompt_request(prompt), sampling, seed, rid)
+
     async def _sample(self, session, prompt_ids: list[int], prompt_request: dict, sampling: SamplingParams,
                       seed: int | None, rid: str) -> Sample:
-        body = {**prompt_request, "sampling_params": sampling.to_request(seed), "rid": rid,
-                "return_logprob": True, "logprob_start_len": len(prompt_ids) - 1}
-        if self.routed_experts is not None:
-            body["return_routed_experts"] = True
-        failures = []
-        for attempt in range(self.max_retries + 1):
+        """One response, across failures (retried with backoff) and pauses for a weight sync
+        (sampled again, or continued from its prefix with ``partial = "continue"``)."""
+        sampled = _Prefix()
+        failures: list[str] = []
+        request_rid = rid
+        while True:
+            remaining = sampling.max_new_tokens - len(sampled.response_ids)
+            if remaining <= 0:  # a pause came after the last token: the response is complete
+                return sampled.finished(prompt_ids, "length")
+            body = {**prompt_request, "rid": request_rid, "return_logprob": True,
+                    "input_ids": prompt_request["input_ids"] + sampled.response_ids,
+                    "sampling_params": {**sampling.to_request(seed), "max_new_tokens": remaining},
+                    "logprob_start_len": len(prompt_ids) + len(sampled.response_ids) - 1}
+            if self.routed_experts is not None:
+                body["return_routed_experts"] = True
+            pauses = self._pauses
             url = min(self.urls, key=lambda u: self._in_flight[u])
             self._in_flight[url] += 1
             try:
                 async with session.post(f"{url}/generate", json=body) as response:
                     if response.status != 200:
                         raise _BadOutput(f"HTTP {response.status}: {(await response.text())[:200]}")
-                    return self._parse(await response.json(), prompt_ids)
+                    piece = self._parse(await response.json(), prompt_ids + sampled.response_ids)
+                if piece.finish_reason == "abort" and self._pauses == pauses:
+                    raise _BadOutput("generation was aborted")
             except (aiohttp.ClientError, asyncio.TimeoutError, _BadOutput) as err:
                 failures.append(f"{url}: {type(err).__name__}: {err}")
                 await self._report_failure(url)
+                if len(failures) > self.max_retries:
+                    raise RolloutError(f"request {rid} failed {len(failures)} times: " + "; ".join(failures))
+                self.retries += 1
+                await asyncio.sleep(self.backoff_s * 2 ** (len(failures) - 1))
+                request_rid = f"{rid}-retry{len(failures)}"
+                continue
             finally:
                 self._in_flight[url] -= 1
-            if attempt < self.max_retries:
-                self.retries += 1
-                await asyncio.sleep(self.backoff_s * 2 ** attempt)
-                body["rid"] = f"{rid}-retry{attempt + 1}"
-        raise RolloutError(f"request {rid} failed {len(failures)} times: " + "; ".join(failures))
+            if piece.finish_reason != "abort":
+                return sampled.then(piece).finished(prompt_ids, piece.finish_reason, piece.routed_experts)
+            # Our pause for a weight sync stopped it; the request waits for the servers to continue.
+            self.sync_interrupted += 1
+            if self.partial == "continue":
+                sampled = sampled.then(piece)
+            request_rid = f"{rid}-sync{pauses + 1}"
 
     def _prompt_request(self, prompt: Prompt) -> dict:
         """The prompt part of a ``/generate`` body: ``input_ids``, and ``image_data`` with images."""
@@ -167,8 +199,6 @@ class RolloutClient:
             raise _BadOutput(f"malformed /generate answer ({type(err).__name__}: {err})") from None
         if finish not in FINISH_REASONS:
             raise _BadOutput(f"unknown finish reason {finish!r}")
-        if finish == "abort":
-            raise _BadOutput("generation was aborted")
         if meta.get("prompt_tokens") is not None and meta["prompt_tokens"] != len(prompt_ids):
             raise RolloutError(f"the server read the prompt as {meta['prompt_tokens']} tokens, we have "
                                f"{len(prompt_ids)}: its processor expands images differently from ours (a "
@@ -181,7 +211,7 @@ class RolloutClient:
             raise RolloutError("the server returned NaN or infinite log-probs: the served model computes "
                                "non-finite logits (check its weights and dtype)")
         routes = None
-        if self.routed_experts is not None:
+        if self.routed_experts is not None and finish != "abort":
             if "routed_experts" not in meta or meta["routed_experts"] is None:
                 raise RolloutError("routed experts were requested but not returned: start the server with "
                                    "--return-routed-experts")
@@ -198,6 +228,13 @@ class RolloutClient:
 
     def continue_generation(self) -> None:
         self._post_all("/continue_generation", {})
+
+    def pause_for_sync(self) -> None:
+        """Pause every server for a weight sync, aborting the requests in flight: they return
+        what they sampled so far and are sent again (see ``partial``), to run once the servers
+        continue. Call :meth:`continue_generation` after the sync."""
+        self._pauses += 1  # before the pause: an abort it causes must be recognised as ours
+        self.pause_generation("abort")
 
     def flush_cache(self) -> None:
         self._post_all("/flush_cache", None)
@@ -227,6 +264,31 @@ class RolloutClient:
             response = requests.post(f"{url}{path}", json=body, timeout=self.request_timeout_s)
             if response.status_code != 200:
                 raise RolloutError(f"{url}{path}: HTTP {response.status_code}: {response.text[:200]}")
+
+
+@dataclass
+class _Prefix:
+    """What a request sampled before pauses for weight syncs stopped it (``partial = "continue"``)."""
+
+    response_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[tuple[int, str | None]] = field(default_factory=list)
+    """(first response token, weight version) of each piece."""
+
+    def then(self, piece: Sample) -> "_Prefix":
+        versions = list(self.versions)
+        if piece.response_ids and versions and versions[-1][0] == len(self.response_ids):
+            versions.pop()  # the last piece sampled no token
+        if not versions or (piece.response_ids and versions[-1][1] != piece.weight_version):
+            versions.append((len(self.response_ids), piece.weight_version))
+        return _Prefix(self.response_ids + piece.response_ids, self.logprobs + piece.rollout_logprobs, versions)
+
+    def finished(self, prompt_ids: list[int], finish_reason: str, routes=None) -> Sample:
+        """The whole response; its ``weight_version`` is the oldest version that sampled a token."""
+        versions = self.versions or [(0, None)]
+        return Sample(prompt_ids=list(prompt_ids), response_ids=self.response_ids, rollout_logprobs=self.logprobs,
+                      finish_reason=finish_reason, weight_version=versions[0][1], routed_experts=routes,
+                      token_versions=versions if len({v for _, v in versions}) > 1 else None)
 
 
 def collapse_image_runs(prompt_ids: list[int], image_token_id: int) -> list[int]:

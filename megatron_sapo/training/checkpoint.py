@@ -11,6 +11,8 @@ Layout under ``OUTPUT/checkpoints``::
       rng/rank_00000.pt       per global rank: python, numpy, torch CPU/CUDA and TP-tracker RNG states
       trainer_state.json      step, weight version, data cursor, the caller's extras, parallel layout
       config.toml             the resolved run config, when given
+      rollout_pipeline.pt     the caller's own files (``rank0_files``): the RL loop's groups generated
+                              ahead of the trainer (``rollout/pipeline.py``)
     .step_00000006.partial/   a save in progress, or one a crash interrupted (the next save removes it)
 
 Choices and why:
@@ -113,7 +115,7 @@ def step_dir_name(step: int) -> str:
 
 def save_checkpoint(checkpoint_root: str | Path, state: TrainerState, model, optimizer, scheduler, *,
                     run_config_text: str | None = None, hf_config: dict | None = None,
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, rank0_files: dict[str, bytes] | None = None) -> Path:
     """Collective: write ``checkpoint_root/step_{state.step:08d}`` and make it the latest.
 
     ``model`` is the (DDP-wrapped) Megatron model, ``optimizer`` the Megatron optimizer built on
@@ -121,7 +123,8 @@ def save_checkpoint(checkpoint_root: str | Path, state: TrainerState, model, opt
     ``keep_last``: after publishing, keep this many checkpoints up to this step (this one
     included) and delete older ones; None keeps all. Checkpoints with a later step (left by a run
     that was resumed from an earlier one) are left alone. Replacing the checkpoint ``latest``
-    names is refused: a crash midway would leave no complete latest checkpoint.
+    names is refused: a crash midway would leave no complete latest checkpoint. ``rank0_files``:
+    more files (name -> content) rank 0 writes into the checkpoint folder, published with it.
     """
     state.validate()
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
@@ -140,7 +143,7 @@ def save_checkpoint(checkpoint_root: str | Path, state: TrainerState, model, opt
                             str(tmp / OPTIMIZER_DIR))
     record = _trainer_record(state, _layout(model))
     _collectively(f"writing {tmp}", lambda: _write_files(tmp, rng, record, scheduler.state_dict(),
-                                                        run_config_text, hf_config))
+                                                        run_config_text, hf_config, rank0_files or {}))
     _collectively(f"publishing {final}", lambda: _publish(root, tmp, final, keep_last), rank0_only=True)
     restore_rng_states(rng)  # whatever saving drew from the generators is undone
     return final
@@ -157,7 +160,7 @@ def _prepare(root: Path, final: Path, tmp: Path) -> None:
 
 
 def _write_files(tmp: Path, rng: dict, record: dict, scheduler_state: dict, run_config_text: str | None,
-                 hf_config: dict | None) -> None:
+                 hf_config: dict | None, rank0_files: dict[str, bytes]) -> None:
     torch.save(rng, tmp / RNG_DIR / _rng_file_name(dist.get_rank()))
     if dist.get_rank() != 0:
         return
@@ -167,6 +170,8 @@ def _write_files(tmp: Path, rng: dict, record: dict, scheduler_state: dict, run_
         (tmp / RUN_CONFIG_FILE).write_text(run_config_text)
     if hf_config is not None:
         (tmp / MODEL_DIR / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+    for name, content in rank0_files.items():
+        (tmp / name).write_bytes(content)
 
 
 def _publish(root: Path, tmp: Path, final: Path, keep_last: int | None) -> None:

@@ -111,7 +111,7 @@ def train_minibatch(model, optimizer, scheduler, batch: TrainBatch, loss_cfg: Lo
         logp, entropy = row_logprobs(logits, micro, pg_collection.tp, temperature=temperature,
                                      vocab_size=true_vocab_size, entropy=True)
         loss, metrics = policy_loss(logp, rows.old_logprobs, rows.advantages, rows.loss_mask, loss_cfg,
-                                    normalizer=normalizer, entropy=entropy)
+                                    normalizer=normalizer, entropy=entropy, token_weights=rows.token_weights)
         mask = rows.loss_mask.bool()
         metrics["kl_old"] = masked_mean(kl_penalty(logp.detach(), rows.old_logprobs, mask, "k3"), mask)
         return loss, metrics

@@ -139,6 +139,39 @@ def test_sigterm_or_stop_file_ends_the_run_after_the_step_with_a_checkpoint(stra
     assert not (out / "STOP").exists()
 
 
+def test_bounded_staleness_generates_ahead_and_resumes_exactly(straight, tmp_path):
+    """rollout.max_staleness = 1: step n trains groups the weights of step n - 2 sampled while
+    step n - 1 trained (staleness exactly 1 from step 2, never more). A run stopped by the STOP
+    file after any step (the checkpoint holds the groups generated ahead: one step finished, the
+    next in flight or finished) and resumed equals a straight run, step for step."""
+    config = from_start_model(straight, tmp_path)
+    ahead = ["--steps", "4", "--save-every", "2", "--set", "rollout.max_staleness=1"]
+    train(str(config), tmp_path / "straight", *ahead)
+    reference = metrics(tmp_path / "straight")
+    assert [r["rollout_staleness_max"] for r in reference] == [0.0, 1.0, 1.0, 1.0]
+    assert [r["rollout_staleness_mean"] for r in reference] == [0.0, 1.0, 1.0, 1.0]
+    assert [r["rollout_weight_step"] for r in reference] == [0.0, 0.0, 1.0, 2.0]
+    print("\nrollout seconds per step at k = 1 (generated ahead from step 2):",
+          [round(r["time_rollout_s"], 3) for r in reference])
+
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "megatron_sapo.cli", "train", str(config), "--output", str(out), *SHORT, *ahead]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = start_and_wait_for_step(cmd, out, 1, stderr)
+        (out / "STOP").touch()
+        proc.wait(timeout=600)
+    assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    stopped_after = metrics(out)[-1]["step"]
+    assert stopped_after < 4, "the run ended before the STOP file could stop it"
+    assert (out / "checkpoints" / f"step_{stopped_after:08d}" / "rollout_pipeline.pt").is_file()
+    train(str(config), out, *ahead, "--resume")
+    resumed = metrics(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for ours, theirs in zip(resumed, reference):
+        for key in ("reward_mean", "loss", "grad_norm", "rollout_staleness_mean", "rollout_weight_step"):
+            assert ours[key] == theirs[key], (ours["step"], key, stopped_after)
+
+
 def test_policy_from_load_dir_is_served_from_the_first_step(straight, tmp_path):
     """The servers start from model.hf_dir's weights; the trainer loads other weights (the start
     model's, perturbed, converted with `convert hf-to-mcore`) and sends them to the servers

@@ -25,7 +25,7 @@ import torch
 
 from megatron_sapo.models.tiny import TINY_QWEN3_MOE
 from megatron_sapo.rollout import cpu_shims
-from megatron_sapo.rollout.client import RolloutClient, RolloutError, RoutedExperts, _BadOutput
+from megatron_sapo.rollout.client import RolloutClient, RolloutError, RoutedExperts, _BadOutput, _Prefix
 from megatron_sapo.rollout.routed_experts import decode_routed_experts
 from megatron_sapo.rollout.server import (
     CPU_MAX_TOTAL_TOKENS,
@@ -37,6 +37,7 @@ from megatron_sapo.rollout.server import (
     server_env,
 )
 from megatron_sapo.rollout.weight_sync import buckets
+from megatron_sapo.types import Sample
 
 pytestmark = pytest.mark.unit
 
@@ -273,8 +274,6 @@ def test_a_good_answer_becomes_a_sample(client):
     ({"meta_info": {}, "output_ids": [1]}, "malformed"),
     ({**answer(), "output_ids": ["eleven", 12]}, "malformed"),
     ({**answer(), "meta_info": None}, "malformed"),
-    (answer(finish=None), "aborted"),
-    (answer(finish="abort"), "aborted"),
     (answer(finish="exploded"), "unknown finish reason 'exploded'"),
     (answer(logprobs=(-0.5,)), "2 output tokens but log-probs for 1"),
     ({**answer(), "output_ids": [11, 99]}, "or for other tokens"),
@@ -282,6 +281,30 @@ def test_a_good_answer_becomes_a_sample(client):
 def test_unusable_answers_are_retryable_errors(client, bad, message):
     with pytest.raises(_BadOutput, match=message):
         client._parse(bad, PROMPT)
+
+
+def test_an_aborted_answer_is_a_partial_sample_for_the_client_to_judge(client):
+    """An abort is ours (a pause for a weight sync: sampled again or continued) or a failure;
+    ``_sample`` tells them apart, so ``_parse`` keeps what was sampled, without routes."""
+    for finish in ("abort", None):
+        sample = client._parse(answer(finish=finish), PROMPT)
+        assert (sample.finish_reason, sample.response_ids) == ("abort", [11, 12])
+
+
+def test_pieces_sampled_across_syncs_keep_their_tokens_versions_and_log_probs():
+    first = Sample(prompt_ids=PROMPT, response_ids=[11, 12], rollout_logprobs=[-0.5, -1.0], finish_reason="abort",
+                   weight_version="step-3")
+    empty = Sample(prompt_ids=PROMPT, response_ids=[], rollout_logprobs=[], finish_reason="abort",
+                   weight_version="step-4")
+    last = Sample(prompt_ids=PROMPT, response_ids=[13], rollout_logprobs=[-2.0], finish_reason="stop",
+                  weight_version="step-5")
+    whole = _Prefix().then(first).then(empty).then(last).finished(PROMPT, "stop")
+    assert (whole.response_ids, whole.rollout_logprobs) == ([11, 12, 13], [-0.5, -1.0, -2.0])
+    assert whole.weight_version == "step-3" and whole.token_versions == [(0, "step-3"), (2, "step-5")]
+    alone = _Prefix().then(last).finished(PROMPT, "stop")
+    assert alone.weight_version == "step-5" and alone.token_versions is None
+    assert _Prefix().then(empty).then(last).finished(PROMPT, "stop").weight_version == "step-5"
+    assert _Prefix().then(empty).finished(PROMPT, "length").weight_version == "step-4"
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, None])
