@@ -74,13 +74,13 @@ class LossConfig:
     rollout_correction: RolloutCorrection = "none"
     """Correction for the servers sampling from a different policy than the trainer's (kernels,
     precision, stale weights), from ``rho = exp(old - rollout)`` per token: "tis" truncated
-    importance weights clip(rho, low, high); "mis" masks whole sequences whose geometric-mean
+    importance weights min(rho, high); "mis" masks whole sequences whose geometric-mean
     ratio leaves [low, high] and weights the rest by it; "icepop" masks tokens whose rho leaves
     [low, high] and weights the rest by rho (``algo/correction.py``)."""
     rollout_correction_low: float = 0.5
-    """Lower end of the correction's band (>= 0)."""
+    """Lower end of the band of "mis" and "icepop" (>= 0)."""
     rollout_correction_high: float = 2.0
-    """Upper end of the correction's band (> rollout_correction_low)."""
+    """Upper end of their band, and the truncation of "tis" (> rollout_correction_low)."""
 
     def __post_init__(self) -> None:
         self.validate()

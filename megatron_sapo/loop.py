@@ -86,6 +86,8 @@ class Run:
     pad_id: int
     """The tokenizer's padding token."""
     step: int = 0
+    step_started: float = 0.0
+    """``time.perf_counter()`` when the step under way began."""
     timings: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
@@ -168,9 +170,13 @@ def rollout_groups(run: Run, step: int) -> list[Group] | None:
 
 
 def sync_weights(run: Run, version: int) -> None:
-    """Collective: the trainer's weights, as version ``version``, to every server (rank 0 lets
-    generation in flight finish or pauses it first, ``rollout.partial``)."""
+    """Collective: the trainer's weights, as version ``version``, to every server (rank 0 restarts
+    a dead colocated server, and lets generation in flight finish or pauses it first,
+    ``rollout.partial``)."""
     if run.rollout:
+        if run.rollout.manager:  # a colocated server that died meanwhile is restarted, to be synced too
+            for url in run.rollout.client.urls:
+                run.rollout.manager.ensure_alive(url)
         run.rollout.pipeline.before_sync()
     run.sync.sync(version=f"step-{version}")
     if run.rollout:
@@ -194,7 +200,18 @@ def score_groups(run: Run, groups: list[Group]) -> dict[str, float]:
             "response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
             "response_truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "rollout_retries": rollout.client.retries, "rollout_sync_interrupted": rollout.client.sync_interrupted,
-            **staleness_metrics(samples, run.step)}
+            **staleness_metrics(samples, run.step), **generation_timing(run)}
+
+
+def generation_timing(run: Run) -> dict[str, float]:
+    """When this step's groups were generated, against the step (negative start: during earlier
+    steps), and the fraction of that time the trainer did not wait for (hidden behind training)."""
+    span = run.rollout.pipeline.spans.pop(run.step, None)
+    if span is None:  # generated before a resume
+        return {}
+    generation = max(span[1] - span[0], 1e-9)
+    return {"time_generation_s": generation, "time_generation_start_s": span[0] - run.step_started,
+            "rollout_hidden_frac": min(max(1.0 - run.timings["time_rollout_s"] / generation, 0.0), 1.0)}
 
 
 def staleness_metrics(samples: list, step: int) -> dict[str, float]:
@@ -348,7 +365,7 @@ def train(cfg: RunConfig, out_dir: Path, *, resume: bool = False) -> Stopped | N
                 break
             run.step += 1
             run.timings.clear()
-            start_time = time.perf_counter()
+            run.step_started = start_time = time.perf_counter()
             metrics = rl_step(run)
             if run.rollout and cfg.eval.every and (run.step % cfg.eval.every == 0 or run.step == cfg.train.steps):
                 with run.timed("eval"):

@@ -7,8 +7,9 @@ like the policy ratio), the corrections give each response token a weight ``w_t`
 multiplies its per-token objective (the SAPO gate, the clipped GRPO term, GSPO's token term) and a
 keep flag ``m_t``; tokens with ``m_t = 0`` leave the loss and its normaliser:
 
-* ``tis`` (truncated importance sampling, token level):
-  ``w_t = clip(rho_t, low, high)``, ``m_t = 1``;
+* ``tis`` (truncated importance sampling, token level): ``w_t = min(rho_t, high)``, ``m_t = 1``
+  (``low`` is not used: a token the engine found more likely than the trainer does keeps its
+  small weight);
 * ``mis`` (masked importance sampling, sequence level): with the sequence ratio
   ``rho_i = exp(mean_t (old_it - rollout_it))`` (the geometric mean, so that long answers are
   not rejected for their length), ``w_it = rho_i`` and ``m_it = 1`` when
@@ -48,7 +49,7 @@ def rollout_correction(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tenso
     if method == "none":
         return Correction(weights=mask.to(old_logprobs.dtype), keep=mask)
     if method == "tis":
-        return Correction(weights=torch.where(mask, rho.clamp(low, high), torch.zeros_like(rho)), keep=mask)
+        return Correction(weights=torch.where(mask, rho.clamp(max=high), torch.zeros_like(rho)), keep=mask)
     if method == "mis":
         lengths = mask.sum(-1, keepdim=True).clamp_min(1)
         seq_rho = torch.exp(log_rho.sum(-1, keepdim=True) / lengths).expand_as(rho)

@@ -180,7 +180,9 @@ def report(plan: Plan, config_name: str) -> str:
                  f"(mem_fraction_static {r.mem_fraction_static})")
     t = plan.timing
     lines.append(f"step: {t.tokens_per_step / 1e6:.2f} M tokens, {t.train_flops_per_step:.3g} training FLOPs -> "
-                 f"train {t.train_s:.0f} s, rollout {t.rollout_s:.0f} s, weight sync {t.sync_s:.1f} s: about {t.step_s:.0f} s")
+                 f"train {t.train_s:.0f} s, rollout {t.rollout_s:.0f} s"
+                 f"{' (generated during training: rollout.max_staleness)' if t.overlapped else ''}, "
+                 f"weight sync {t.sync_s:.1f} s: about {t.step_s:.0f} s")
     lines.append("assumptions: " + ", ".join(f"{k}={'train.max_seq_len' if v is None else v}"
                                              for k, v in plan.assumptions.flat().items()))
     for reason in plan.reasons():

@@ -16,7 +16,10 @@ cap, an upper bound)::
 
 with ``c`` the sequences a server decodes at once (``rollout.py``, at length ``m``) and
 ``R_server`` its share of the responses; ``sync_s`` = weight bytes / network bandwidth. The loop
-is sequential: ``step_s = rollout_s + sync_s + train_s``.
+is sequential, ``step_s = rollout_s + sync_s + train_s``, unless the servers have GPUs of their
+own (rollout nodes) and generate ahead (``rollout.max_staleness >= 1``): then generation runs
+while the trainer trains, ``step_s = max(rollout_s, train_s) + sync_s`` (the sync waits for
+both, ``rollout/pipeline.py``).
 """
 
 from __future__ import annotations
@@ -50,9 +53,13 @@ class TimingPlan:
     train_s: float
     rollout_s: float
     sync_s: float
+    overlapped: bool = False
+    """Generation runs during training (rollout nodes and ``rollout.max_staleness >= 1``)."""
 
     @property
     def step_s(self) -> float:
+        if self.overlapped:
+            return max(self.train_s, self.rollout_s) + self.sync_s
         return self.train_s + self.sync_s + self.rollout_s
 
 
@@ -88,7 +95,8 @@ def plan_timing(cfg, layout: Layout, hardware: Hardware, rollout, assume: Timing
     decode_step = read / (assume.hbm_tbps * 1e12 * assume.decode_efficiency)
     rollout_s = max(cfg.rollout.max_new_tokens, per_server * response / concurrent) * decode_step
     return TimingPlan(tokens_per_step=rows * m, train_flops_per_step=flops, train_s=train_s,
-                      rollout_s=rollout_s, sync_s=weight_bytes / (assume.network_gbps * 1e9))
+                      rollout_s=rollout_s, sync_s=weight_bytes / (assume.network_gbps * 1e9),
+                      overlapped=bool(cfg.rollout.max_staleness and hardware.rollout_nodes))
 
 
 __all__ = ["TimingAssumptions", "TimingPlan", "active_params", "plan_timing"]

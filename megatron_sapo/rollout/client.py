@@ -250,6 +250,18 @@ class RolloutClient:
         """Abort one request by ``rid``, or all requests on every server."""
         self._post_all("/abort_request", {"rid": rid} if rid else {"abort_all": True})
 
+    def all_healthy(self) -> bool:
+        """Whether every server answers ``/health`` now."""
+        import requests
+
+        for url in self.urls:
+            try:
+                if requests.get(f"{url}/health", timeout=10).status_code != 200:
+                    return False
+            except requests.RequestException:
+                return False
+        return True
+
     def weight_versions(self) -> dict[str, str]:
         """The weight version each server reports."""
         import requests

@@ -43,6 +43,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,10 @@ class _Step:
     """The servers' version when the step was submitted."""
     future: concurrent.futures.Future | None = None
     groups: list[Group] | None = None
+    submitted_at: float | None = None
+    finished_at: float | None = None
+    """``time.perf_counter()`` when the step was submitted and when its last sample came back
+    (None for a step a checkpoint gave back finished)."""
 
     def finished(self) -> bool:
         return self.groups is not None or (self.future is not None and self.future.done()
@@ -109,6 +114,8 @@ class RolloutPipeline:
         """The weight version the servers hold."""
         self.last_step = last_step
         self._steps: dict[int, _Step] = {}
+        self.spans: dict[int, tuple[float, float]] = {}
+        """Per step taken: when its generation was submitted and when it finished (perf_counter)."""
         self._next = version + 1
         self._paused = False
         self._loop = asyncio.new_event_loop()
@@ -128,7 +135,12 @@ class RolloutPipeline:
         if step not in self._steps:
             raise RuntimeError(f"step {step} was never submitted (submitted: {sorted(self._steps)}; "
                                f"servers at version {self.version})")
-        return self._steps.pop(step).result()
+        pending = self._steps[step]
+        groups = pending.result()  # still listed while it runs: a sync meanwhile pauses it
+        del self._steps[step]
+        if pending.submitted_at is not None:
+            self.spans[step] = (pending.submitted_at, pending.finished_at or time.perf_counter())
+        return groups
 
     def before_sync(self) -> None:
         """Before the weights change: let generation finish ("wait") or pause it."""
@@ -136,8 +148,12 @@ class RolloutPipeline:
             for pending in self._steps.values():
                 pending.result()
         elif any(not pending.finished() for pending in self._steps.values()):
-            self.client.pause_for_sync()
-            self._paused = True
+            if self.client.all_healthy():
+                self.client.pause_for_sync()
+                self._paused = True
+            else:  # a server down or restarting cannot be paused: let the generation finish instead
+                for pending in self._steps.values():
+                    pending.result()
 
     def after_sync(self, version: int) -> None:
         """The servers now hold ``version``: continue, and generate ahead as far as it allows."""
@@ -210,9 +226,11 @@ class RolloutPipeline:
         prompts = [self.prompts[i] for i in pending.prompt_indices]
         size = self.cfg.group_size
         seeds = [[sample_seed(self.cfg.sampling_seed, pending.step, p.index, j) for j in range(size)] for p in prompts]
+        pending.submitted_at = time.perf_counter()
         pending.future = asyncio.run_coroutine_threadsafe(
             self.client.agenerate_groups(prompts, size, self.sampling, seeds, rid_prefix=f"step{pending.step}"),
             self._loop)
+        pending.future.add_done_callback(lambda _: setattr(pending, "finished_at", time.perf_counter()))
         self._steps[pending.step] = pending
 
     def _run(self, coroutine):

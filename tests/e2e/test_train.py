@@ -9,6 +9,7 @@ seeded sampling and restored RNG/optimizer/data state, reward_mean and loss must
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -170,6 +171,47 @@ def test_bounded_staleness_generates_ahead_and_resumes_exactly(straight, tmp_pat
     for ours, theirs in zip(resumed, reference):
         for key in ("reward_mean", "loss", "grad_norm", "rollout_staleness_mean", "rollout_weight_step"):
             assert ours[key] == theirs[key], (ours["step"], key, stopped_after)
+
+
+def server_pid(out: Path) -> int:
+    """The colocated SGLang server's process (its session leader), from its log's port."""
+    port = next((out / "logs").glob("sglang-*.log")).stem.split("-")[1]
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"sglang.launch_server" in cmdline and port.encode() in cmdline:
+            return int(proc.name)
+    raise AssertionError(f"no SGLang server on port {port}")
+
+
+def test_syncs_during_generation_and_a_server_killed_mid_overlap(straight, tmp_path):
+    """max_staleness = 1 with partial = "continue": syncs pause the generation ahead and continue
+    it under the new weights. The server is killed after step 1 and restarted with its start
+    weights, by the request that finds it dead or by the next sync, whichever comes first; samples
+    it drew before a sync gave it the current weights are too old when their step takes them, so
+    the weights are synced again and those samples drawn again. Every step trains complete groups
+    within the bound."""
+    config, out = from_start_model(straight, tmp_path), tmp_path / "killed"
+    cmd = [sys.executable, "-m", "megatron_sapo.cli", "train", str(config), "--output", str(out), *SHORT,
+           "--steps", "3", "--set", "eval.every=0", "--set", "logging.histogram_every=0",
+           "--set", "rollout.max_staleness=1", "--set", "rollout.partial=continue"]
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = start_and_wait_for_step(cmd, out, 1, stderr)
+        os.killpg(server_pid(out), signal.SIGKILL)
+        proc.wait(timeout=900)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 0, err[-3000:]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["rollout_staleness_max"] <= 1 for r in rows)
+    log = next((out / "logs").glob("sglang-*.log")).read_text()
+    assert log.count("==== megatron-sapo: starting") == 2, "the server was not restarted once"
+    resampled = "samples came from weights older than rollout.max_staleness allows" in err
+    print(f"\nkilled after step 1: {rows[-1]['rollout_retries']:.0f} requests retried, "
+          f"{rows[-1]['rollout_sync_interrupted']:.0f} stopped by syncs and continued; stale samples drawn again: "
+          f"{resampled}; staleness max per step {[r['rollout_staleness_max'] for r in rows]}")
 
 
 def test_policy_from_load_dir_is_served_from_the_first_step(straight, tmp_path):

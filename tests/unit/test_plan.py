@@ -187,3 +187,17 @@ def test_train_checks_only_on_gpu_machines_and_not_with_no_plan_check(thirty_b_d
 
     monkeypatch.setattr(command, "check_fits", planned)
     train_command.check_plan(_config(TEXT / "sapo.toml", f"model.hf_dir={thirty_b_dir}"))
+
+
+def test_generating_ahead_on_rollout_nodes_overlaps_rollout_with_training():
+    """The shipped 30B-A3B config generates one step ahead on its rollout nodes: a step takes
+    max(rollout, train) + sync; strictly alternating (k = 0), or with no rollout nodes, the sum."""
+    ahead = plan_run(_config(TEXT / "sapo.toml"), CLUSTER, hf_config=str(TEXT / "hf_config.json")).timing
+    turns = plan_run(_config(TEXT / "sapo.toml", "rollout.max_staleness=0"), CLUSTER,
+                     hf_config=str(TEXT / "hf_config.json")).timing
+    assert ahead.overlapped and not turns.overlapped
+    assert ahead.step_s == pytest.approx(max(ahead.train_s, ahead.rollout_s) + ahead.sync_s)
+    assert turns.step_s == pytest.approx(turns.train_s + turns.rollout_s + turns.sync_s)
+    assert ahead.step_s < turns.step_s
+    print(f"\n30B-A3B plan: train {ahead.train_s:.0f} s, rollout {ahead.rollout_s:.0f} s, sync {ahead.sync_s:.1f} s; "
+          f"step {turns.step_s:.0f} s in turns, {ahead.step_s:.0f} s generating ahead")

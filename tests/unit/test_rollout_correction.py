@@ -39,7 +39,7 @@ def by_hand(old, rollout, mask, method):
         for t in tokens:
             rho = math.exp(float(old[i, t] - rollout[i, t]))
             if method == "tis":
-                weights[i][t], keep[i][t] = min(max(rho, LOW), HIGH), True
+                weights[i][t], keep[i][t] = min(rho, HIGH), True
             elif method == "mis":
                 inside = LOW <= seq_rho <= HIGH
                 weights[i][t], keep[i][t] = (seq_rho if inside else 0.0), inside
