@@ -151,6 +151,10 @@ class RolloutClient:
                 if piece.finish_reason == "abort" and self._pauses == pauses:
                     raise _BadOutput("generation was aborted")
             except (aiohttp.ClientError, asyncio.TimeoutError, _BadOutput) as err:
+                if self._pauses != pauses:  # our pause stopped it before it ran (SGLang answers an error)
+                    self.sync_interrupted += 1
+                    request_rid = f"{rid}-sync{self._pauses}"
+                    continue
                 failures.append(f"{url}: {type(err).__name__}: {err}")
                 await self._report_failure(url)
                 if len(failures) > self.max_retries:
@@ -167,7 +171,7 @@ class RolloutClient:
             self.sync_interrupted += 1
             if self.partial == "continue":
                 sampled = sampled.then(piece)
-            request_rid = f"{rid}-sync{pauses + 1}"
+            request_rid = f"{rid}-sync{self._pauses}"
 
     def _prompt_request(self, prompt: Prompt) -> dict:
         """The prompt part of a ``/generate`` body: ``input_ids``, and ``image_data`` with images."""

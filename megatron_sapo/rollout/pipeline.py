@@ -209,11 +209,18 @@ class RolloutPipeline:
                 self._submit(pending)
 
     def close(self) -> None:
-        for pending in self._steps.values():
-            if pending.future is not None:
-                pending.future.cancel()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=30)
+        """Cancel the generation in flight (its requests are dropped) and stop the thread."""
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(cancel_all(), self._loop).result(timeout=60)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+        self._loop.close()
 
     # ---- internals ------------------------------------------------------------------------------
 
