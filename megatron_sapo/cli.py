@@ -55,6 +55,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from megatron_sapo.parallel.launch import LaunchError
     from megatron_sapo.parallel.megatron_cpu import CompatError
     from megatron_sapo.rollout.client import RolloutError
+    from megatron_sapo.data.remote_reward import RewardServiceError
     from megatron_sapo.rollout.manager import ServerStartError
     from megatron_sapo.training.checkpoint import CheckpointError
 
@@ -68,6 +69,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         CompatError,  # the installed Megatron-Core is not the one the patches fit: install the pinned version
         ServerStartError,  # an SGLang server exited or never became healthy: the message names its log
         RolloutError,  # the servers failed every retry or serve another model: the message lists each failure
+        RewardServiceError,  # data.reward_url failed every retry: the message names it and lists each failure
         # Not WeightSyncError: a server refusing an update mostly means the names, shapes or dtypes we
         # sent are wrong (a bug), and its message can be a bare underlying error; it keeps its traceback.
     )

@@ -81,6 +81,9 @@ class LossConfig:
     """Lower end of the band of "mis" and "icepop" (>= 0)."""
     rollout_correction_high: float = 2.0
     """Upper end of their band, and the truncation of "tis" (> rollout_correction_low)."""
+    mask_truncated: bool = False
+    """Responses cut at ``rollout.max_new_tokens`` (finish reason "length") leave the loss and its
+    normaliser: an unfinished answer's reward says little about its tokens."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,6 +111,7 @@ class LossConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"loss.{key} must be a number >= 0, got {value!r}")
+        _check_bool("loss.mask_truncated", self.mask_truncated)
         _check_choice("loss.behavior_logprobs", self.behavior_logprobs, BEHAVIOR_LOGPROBS)
         _check_choice("loss.rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
         _check_positive("loss.rollout_correction_high", self.rollout_correction_high)
@@ -387,6 +391,12 @@ class RolloutConfig:
     release_memory_during_train: bool = False
     """Colocated on GPUs: have SGLang release its KV cache and weights while the trainer runs
     (SGLang ``--enable-memory-saver``), resume the weights before the sync and the cache after."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong penalty: a response longer than ``max_new_tokens - overlong_buffer``
+    loses ``overlong_penalty`` x (its excess / overlong_buffer) of its reward, up to the whole
+    penalty at ``max_new_tokens`` (0: off)."""
+    overlong_penalty: float = 1.0
+    """The largest penalty of the overlong buffer (subtracted from the reward)."""
     max_staleness: int = 0
     """k: the servers may generate the groups of step n with the weights of step n - 1 - k at
     the oldest, so with k >= 1 they generate the next steps' groups while the trainer trains
@@ -427,6 +437,11 @@ class RolloutConfig:
         if self.release_memory_during_train and self.mode != "colocated":
             raise ConfigError('rollout.release_memory_during_train needs rollout.mode = "colocated"')
         _check_int("rollout.max_staleness", self.max_staleness, 0)
+        _check_int("rollout.overlong_buffer", self.overlong_buffer, 0)
+        _check_positive("rollout.overlong_penalty", self.overlong_penalty)
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ConfigError(f"rollout.overlong_buffer = {self.overlong_buffer} must be below rollout.max_new_tokens "
+                              f"= {self.max_new_tokens} (the penalty starts at max_new_tokens - overlong_buffer)")
         _check_choice("rollout.partial", self.partial, PARTIAL_ROLLOUTS)
         if self.max_staleness and self.release_memory_during_train:
             raise ConfigError(f"rollout.max_staleness = {self.max_staleness} overlaps generation with training, "
@@ -534,10 +549,21 @@ class DataConfig:
     system_prompt: str | None = None
     """System message placed before every prompt (prompts that carry their own are refused)."""
     reward: str | None = None
-    """Reward function by registry name ("math", "exact_match", ...). Unset: the synthetic
-    task's own verifier when ``task`` is set, else "math"."""
+    """The reward function: a built-in name ("math", "exact_match"), "path/to/file.py:function"
+    or "package.module:function", called as f(response, answer, fields) and returning a float or
+    a dict with "score" and extra numbers (``data/rewards.py``). Unset: the synthetic task's own
+    verifier when ``task`` is set, else "math"."""
     reward_timeout_s: float = 10.0
     """Seconds one reward call may take; slower calls score 0 and are counted."""
+    reward_workers: int = 1
+    """Processes scoring responses at once (a slow verifier does not serialise the step); with
+    ``reward_url``, requests in flight at once."""
+    reward_url: str | None = None
+    """An HTTP service that scores responses instead of a function (a reward-model server):
+    batches POSTed as JSON, ``data/remote_reward.py`` gives the format. ``reward_timeout_s`` is
+    then per request."""
+    reward_retries: int = 3
+    """Retries of a failed request to ``reward_url`` before the step fails."""
     shuffle: bool = True
     """Reshuffle the training prompts every epoch."""
     seed: int = 0
@@ -557,6 +583,14 @@ class DataConfig:
         for key in ("prompt_key", "answer_key", "image_key"):
             _check_text(f"data.{key}", getattr(self, key))
         _check_positive("data.reward_timeout_s", self.reward_timeout_s)
+        _check_int("data.reward_workers", self.reward_workers, 1)
+        _check_int("data.reward_retries", self.reward_retries, 0)
+        _check_text("data.reward_url", self.reward_url, optional=True)
+        if self.reward_url is not None:
+            if not self.reward_url.startswith(("http://", "https://")):
+                raise ConfigError(f"data.reward_url must start with http:// or https://, got {self.reward_url!r}")
+            if self.reward is not None:
+                raise ConfigError("data.reward and data.reward_url both name a reward; set one")
         _check_bool("data.shuffle", self.shuffle)
         _check_int("data.seed", self.seed, 0)
         _check_int("data.max_prompt_tokens", self.max_prompt_tokens, 1)

@@ -67,6 +67,8 @@ class Rollout:
     manager: object | None
     log: object
     tokenizer: object
+    reward_failure_reported: bool = False
+    """Whether the run's first failed reward call has been printed."""
 
 
 @dataclass
@@ -190,13 +192,18 @@ def score_groups(run: Run, groups: list[Group]) -> dict[str, float]:
     for sample in samples:
         sample.response_text = rollout.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
     answers = [g.prompt.answer for g in groups for _ in g.samples]
-    scores = rollout.scorer.score([s.response_text for s in samples], answers)
-    for sample, score in zip(samples, scores.scores):
-        sample.reward = score
-    rewards = torch.tensor(scores.scores)
+    scores = rollout.scorer.score([s.response_text for s in samples], answers,
+                                  [g.prompt.fields for g in groups for _ in g.samples])
+    report_reward_failure(run, scores)
+    penalties = [overlong_penalty(len(s.response_ids), run.cfg.rollout) for s in samples]
+    for sample, score, penalty in zip(samples, scores.scores, penalties):
+        sample.reward = score - penalty
+    rewards = torch.tensor([s.reward for s in samples])
     lengths = torch.tensor([float(len(s.response_ids)) for s in samples])
     return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-            "reward_errors": scores.errors, "reward_timeouts": scores.timeouts,
+            "reward_errors": scores.errors, "reward_timeouts": scores.timeouts, **scores.extra_means(),
+            **({"reward_verifier_mean": sum(scores.scores) / len(samples),
+                "overlong_penalty_mean": sum(penalties) / len(samples)} if run.cfg.rollout.overlong_buffer else {}),
             "response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
             "response_truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "rollout_retries": rollout.client.retries, "rollout_sync_interrupted": rollout.client.sync_interrupted,
@@ -212,6 +219,26 @@ def generation_timing(run: Run) -> dict[str, float]:
     generation = max(span[1] - span[0], 1e-9)
     return {"time_generation_s": generation, "time_generation_start_s": span[0] - run.step_started,
             "rollout_hidden_frac": min(max(1.0 - run.timings["time_rollout_s"] / generation, 0.0), 1.0)}
+
+
+def overlong_penalty(length: int, rollout) -> float:
+    """DAPO's soft overlong penalty of a response of ``length`` tokens (``rollout.overlong_buffer``)."""
+    buffer = rollout.overlong_buffer
+    start = rollout.max_new_tokens - buffer
+    if not buffer or length <= start:
+        return 0.0
+    return rollout.overlong_penalty * min(length - start, buffer) / buffer
+
+
+def report_reward_failure(run: Run, scores) -> None:
+    """The run's first failed reward call, with its traceback, once (later ones are counted in
+    ``reward_errors`` / ``reward_timeouts``)."""
+    if scores.first_error is None or run.rollout.reward_failure_reported:
+        return
+    run.rollout.reward_failure_reported = True
+    print(f"step {run.step}: a call of the reward function {run.rollout.scorer.name} failed and scored 0 "
+          f"(later failures are only counted: reward_errors, reward_timeouts):\n{scores.first_error}",
+          file=sys.stderr, flush=True)
 
 
 def staleness_metrics(samples: list, step: int) -> dict[str, float]:
@@ -246,6 +273,8 @@ def receive_rows(run: Run, groups: list[Group] | None) -> tuple[TrainBatch, list
                               with_routes=run.cfg.train.routes_from_rollout,
                               num_experts=run.policy.spec.config.num_moe_experts, vision=mine.vision,
                               layout=image_layout(run.policy.spec))
+    if run.cfg.loss.mask_truncated:  # cut responses leave the loss and its normaliser
+        batch.loss_mask[torch.tensor([s.finish_reason == "length" for s in mine.samples])] = 0.0
     return batch.to(run.device), mine.minibatch_rows
 
 
@@ -342,7 +371,9 @@ def evaluate(run: Run) -> dict[str, float]:
                               max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
     groups = rollout.pipeline.generate(problems, k, sampling, seeds, rid_prefix=f"eval{run.step}")
     responses = [rollout.tokenizer.decode(s.response_ids, skip_special_tokens=True) for g in groups for s in g.samples]
-    scores = rollout.scorer.score(responses, [g.prompt.answer for g in groups for _ in g.samples])
+    scores = rollout.scorer.score(responses, [g.prompt.answer for g in groups for _ in g.samples],
+                                  [g.prompt.fields for g in groups for _ in g.samples])
+    report_reward_failure(run, scores)
     return {"pass_at_1": sum(scores.scores) / len(scores.scores), "eval_problems": len(problems)}
 
 
@@ -455,7 +486,8 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     from megatron_sapo.data.chat import encode_records
     from megatron_sapo.data.checks import reward_name
     from megatron_sapo.data.datasets import PromptSampler, load_split
-    from megatron_sapo.data.rewards import RewardScorer, get_reward
+    from megatron_sapo.data.remote_reward import RemoteRewardScorer
+    from megatron_sapo.data.rewards import RewardScorer
     from megatron_sapo.data.tasks import get_task
     from megatron_sapo.parallel.ports import free_port
     from megatron_sapo.rollout.manager import ServerManager
@@ -507,7 +539,11 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
                            image_token_id=layout.image_token_id if layout else None, partial=cfg.rollout.partial)
     pipeline = RolloutPipeline(client, prompts, sampler, cfg.rollout, version=version_step(state.weight_version),
                                last_step=cfg.train.steps)
-    scorer = RewardScorer(get_reward(reward_name(cfg.data)), cfg.data.reward_timeout_s)
+    if cfg.data.reward_url:
+        scorer = RemoteRewardScorer(cfg.data.reward_url, cfg.data.reward_timeout_s, workers=cfg.data.reward_workers,
+                                    retries=cfg.data.reward_retries)
+    else:
+        scorer = RewardScorer(reward_name(cfg.data), cfg.data.reward_timeout_s, workers=cfg.data.reward_workers)
     log = RunLog(out_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step)
     return Rollout(client=client, pipeline=pipeline, val_prompts=val_prompts, sampler=sampler, scorer=scorer,
                    manager=manager, log=log, tokenizer=tokenizer)

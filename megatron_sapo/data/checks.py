@@ -3,7 +3,8 @@ a task with images meets a model that reads them. ``config_file.config_from_dict
 a config is loaded, so a misspelt name fails before anything starts; ``config.py`` itself
 imports nothing of ``data/`` (it sits below it).
 
-A custom reward must be registered (``data.rewards.register_reward``) before its config is loaded.
+A reward given as ``file.py:function`` or ``module:function`` is loaded here, so a missing file or
+function, or one that cannot take (response, answer, fields), fails with the config's error.
 """
 
 from __future__ import annotations
