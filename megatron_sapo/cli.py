@@ -32,11 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_selfcheck)
     from megatron_sapo.analysis import compare
     from megatron_sapo.convert import commands, parity
-    from megatron_sapo import train_command
+    from megatron_sapo import eval_command, train_command
     from megatron_sapo.plan import command as plan_command
     from megatron_sapo.rollout import server
 
     train_command.register(sub)
+    eval_command.register(sub)
     plan_command.register(sub)
     commands.register(sub)
     parity.register(sub)

@@ -287,6 +287,8 @@ RolloutMode = Literal["colocated", "disaggregated"]
 ROLLOUT_MODES: tuple[str, ...] = get_args(RolloutMode)
 PartialRollout = Literal["wait", "abort", "continue"]
 PARTIAL_ROLLOUTS: tuple[str, ...] = get_args(PartialRollout)
+GroupFilter = Literal["none", "nonzero_std"]
+GROUP_FILTERS: tuple[str, ...] = get_args(GroupFilter)
 WeightSyncMethod = Literal["tensor", "distributed", "disk"]
 WEIGHT_SYNC_METHODS: tuple[str, ...] = get_args(WeightSyncMethod)
 RoutingReplayMode = Literal["none", "r2", "r3"]
@@ -391,6 +393,13 @@ class RolloutConfig:
     release_memory_during_train: bool = False
     """Colocated on GPUs: have SGLang release its KV cache and weights while the trainer runs
     (SGLang ``--enable-memory-saver``), resume the weights before the sync and the cache after."""
+    filter_groups: GroupFilter = "none"
+    """Dynamic sampling (DAPO): "nonzero_std" drops the groups whose rewards are all equal (their
+    advantages are all 0) and samples more prompts, up to ``max_sampling_rounds`` rounds of
+    ``prompts_per_step``, until ``prompts_per_step`` groups are left to train on; if the rounds
+    run out, dropped groups fill the batch and leave the loss."""
+    max_sampling_rounds: int = 3
+    """Rounds of ``prompts_per_step`` prompts one step may sample under ``filter_groups``."""
     overlong_buffer: int = 0
     """DAPO's soft overlong penalty: a response longer than ``max_new_tokens - overlong_buffer``
     loses ``overlong_penalty`` x (its excess / overlong_buffer) of its reward, up to the whole
@@ -437,6 +446,8 @@ class RolloutConfig:
         if self.release_memory_during_train and self.mode != "colocated":
             raise ConfigError('rollout.release_memory_during_train needs rollout.mode = "colocated"')
         _check_int("rollout.max_staleness", self.max_staleness, 0)
+        _check_choice("rollout.filter_groups", self.filter_groups, GROUP_FILTERS)
+        _check_int("rollout.max_sampling_rounds", self.max_sampling_rounds, 1)
         _check_int("rollout.overlong_buffer", self.overlong_buffer, 0)
         _check_positive("rollout.overlong_penalty", self.overlong_penalty)
         if self.overlong_buffer >= self.max_new_tokens:
@@ -603,8 +614,50 @@ class DataConfig:
 
 
 @dataclass
+class EvalSet:
+    """One evaluation set (``[[eval.sets]]``): a prompt file scored by its own reward, reported
+    as ``eval_<name>_avg_at_<k>`` (Pass@1 as the mean over k samples per problem) and
+    ``eval_<name>_pass_at_<j>`` for j = 1, 2, 4, ... up to k (the unbiased estimator: a response
+    counts as solved when its reward is above 0.5)."""
+
+    name: str
+    """Names the set's metrics: lowercase letters, digits and "_"."""
+    path: str
+    """A .jsonl or .parquet prompt file."""
+    prompt_key: str | None = None
+    """Its prompt field; unset: ``data.prompt_key``."""
+    answer_key: str | None = None
+    """Its answer field; unset: ``data.answer_key``."""
+    reward: str = "math"
+    """Its reward function, as ``data.reward`` names one."""
+    samples: int = 4
+    """k: responses sampled per problem."""
+    max_new_tokens: int | None = None
+    """Longest response; unset: rollout.max_new_tokens."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    max_problems: int | None = None
+    """Use only the first this many problems; unset: all."""
+
+    def __post_init__(self) -> None:
+        where = f"eval.sets[{self.name!r}]"
+        if not isinstance(self.name, str) or not self.name or not all(c.islower() or c.isdigit() or c == "_"
+                                                                     for c in self.name):
+            raise ConfigError(f"eval.sets: name must be lowercase letters, digits and _, got {self.name!r}")
+        _check_text(f"{where}.path", self.path)
+        _check_text(f"{where}.reward", self.reward)
+        for key in ("prompt_key", "answer_key"):
+            _check_text(f"{where}.{key}", getattr(self, key), optional=True)
+        _check_int(f"{where}.samples", self.samples, 1)
+        _check_optional_int(f"{where}.max_new_tokens", self.max_new_tokens, 1)
+        _check_positive(f"{where}.temperature", self.temperature)
+        _check_optional_int(f"{where}.max_problems", self.max_problems, 1)
+
+
+@dataclass
 class EvalConfig:
-    """Periodic evaluation: Pass@1 estimated as avg@k over the validation prompts."""
+    """Periodic evaluation: Pass@1 estimated as avg@k over the validation prompts, and any
+    further sets (``sets``)."""
 
     every: int = 0
     """Evaluate every this many RL steps (and after the last one); 0 disables evaluation."""
@@ -616,8 +669,13 @@ class EvalConfig:
     """Sampling temperature of evaluation."""
     max_new_tokens: int | None = None
     """Longest evaluation response; unset: rollout.max_new_tokens."""
+    sets: list[EvalSet] = dataclasses.field(default_factory=list)
+    """More evaluation sets, each with its own file, reward and sampling (``[[eval.sets]]``)."""
 
     def __post_init__(self) -> None:
+        names = [s.name for s in self.sets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"eval.sets: names must differ, got {names}")
         _check_int("eval.every", self.every, 0)
         _check_int("eval.samples_per_problem", self.samples_per_problem, 1)
         _check_optional_int("eval.max_problems", self.max_problems, 1)
@@ -705,8 +763,9 @@ class RunConfig:
             raise ConfigError(
                 f"train.max_tokens_per_microbatch = {budget} is smaller than train.max_seq_len = "
                 f"{self.train.max_seq_len} rounded up to the sequence-parallel multiple {multiple}")
-        if self.eval.every and not self.data.has_validation:
-            raise ConfigError("eval.every > 0 needs validation prompts: set data.val_path or use a data.task")
+        if self.eval.every and not self.data.has_validation and not self.eval.sets:
+            raise ConfigError("eval.every > 0 needs validation prompts: set data.val_path, use a data.task or "
+                              "add eval.sets")
         if self.train.sft_steps and self.data.task is None:
             raise ConfigError("train.sft_steps > 0 needs a data.task (the cold start uses its worked pairs)")
 

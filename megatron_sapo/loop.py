@@ -38,6 +38,8 @@ from megatron_sapo.algo import gate_diagnostics, group_advantages
 from megatron_sapo.algo.correction import correction_metrics, correction_sums, rollout_correction
 from megatron_sapo.config import RunConfig
 from megatron_sapo.config_file import dump_config
+from megatron_sapo.data.rewards import RewardScores
+from megatron_sapo.eval_sets import LoadedSet, evaluate_set, load_sets
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.rollout.client import RolloutClient, RoutedExperts, SamplingParams
 from megatron_sapo.rollout.pipeline import STATE_FILE, RolloutPipeline, sample_seed, staleness, version_step
@@ -67,6 +69,7 @@ class Rollout:
     manager: object | None
     log: object
     tokenizer: object
+    eval_sets: list[LoadedSet]
     reward_failure_reported: bool = False
     """Whether the run's first failed reward call has been printed."""
 
@@ -106,7 +109,7 @@ def rl_step(run: Run) -> dict[str, float]:
     with run.timed("rollout"):
         groups = rollout_groups(run, step)
     with run.timed("reward"):
-        rollout_metrics = score_groups(run, groups) if run.rollout else {}
+        groups, sampled_metrics = score_groups(run, step, groups) if run.rollout else (None, {})
         batch, minibatch_rows = receive_rows(run, groups)
     release = cfg.rollout.release_memory_during_train and run.rollout is not None
     if release:
@@ -132,7 +135,7 @@ def rl_step(run: Run) -> dict[str, float]:
         sync_weights(run, step)
     if release:
         run.rollout.client.resume_memory(("kv_cache",))
-    metrics = {**rollout_metrics, **mean_metrics([m.as_dict() for m in update_metrics]), **behaviour_metrics,
+    metrics = {**sampled_metrics, **mean_metrics([m.as_dict() for m in update_metrics]), **behaviour_metrics,
                "train_token_util": sum(m.real_tokens for m in update_metrics)
                / sum(m.processed_tokens for m in update_metrics), **replica_load(batch, run.pg)}
     clipped = [metrics[k] for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual") if k in metrics]
@@ -185,8 +188,36 @@ def sync_weights(run: Run, version: int) -> None:
         run.rollout.pipeline.after_sync(version)
 
 
-def score_groups(run: Run, groups: list[Group]) -> dict[str, float]:
-    """Rank 0: decode responses, score them, store the rewards on the samples."""
+def score_groups(run: Run, step: int, groups: list[Group]) -> tuple[list[Group], dict[str, float]]:
+    """Rank 0: the groups to train on, scored, and the step's rollout metrics. With
+    ``rollout.filter_groups = "nonzero_std"`` (dynamic sampling) groups whose rewards are all
+    equal are dropped and more prompts sampled, round after round, until ``prompts_per_step``
+    groups remain or ``max_sampling_rounds`` is reached; dropped groups then fill the batch and
+    leave the loss. Reward metrics describe every group sampled."""
+    cfg = run.cfg.rollout
+    scores = [score(run, groups)]
+    if cfg.filter_groups == "none":
+        return groups, rollout_metrics(run, groups, scores)
+    sampled, rounds = list(groups), 1
+    useful = [g for g in groups if len(set(g.rewards)) > 1]
+    while len(useful) < cfg.prompts_per_step and rounds < cfg.max_sampling_rounds:
+        rounds += 1
+        more = run.rollout.pipeline.more_groups(step, rounds)
+        scores.append(score(run, more))
+        sampled += more
+        useful += [g for g in more if len(set(g.rewards)) > 1]
+    kept = useful[:cfg.prompts_per_step]
+    fill = [g for g in sampled if len(set(g.rewards)) == 1][:cfg.prompts_per_step - len(kept)]
+    for sample in (s for g in fill for s in g.samples):
+        sample.in_loss = False
+    metrics = rollout_metrics(run, sampled, scores)
+    metrics.update(groups_filtered_frac=1 - len(useful) / len(sampled), sampling_rounds=float(rounds))
+    return kept + fill, metrics
+
+
+def score(run: Run, groups: list[Group]):
+    """Rank 0: decode the responses, score them and store each sample's reward (the verifier's
+    score less the overlong penalty); the verifier's scores and counts."""
     rollout = run.rollout
     samples = [s for g in groups for s in g.samples]
     for sample in samples:
@@ -195,15 +226,23 @@ def score_groups(run: Run, groups: list[Group]) -> dict[str, float]:
     scores = rollout.scorer.score([s.response_text for s in samples], answers,
                                   [g.prompt.fields for g in groups for _ in g.samples])
     report_reward_failure(run, scores)
-    penalties = [overlong_penalty(len(s.response_ids), run.cfg.rollout) for s in samples]
-    for sample, score, penalty in zip(samples, scores.scores, penalties):
-        sample.reward = score - penalty
+    for sample, value in zip(samples, scores.scores):
+        sample.reward = value - overlong_penalty(len(sample.response_ids), run.cfg.rollout)
+    return scores
+
+
+def rollout_metrics(run: Run, groups: list[Group], scores: list) -> dict[str, float]:
+    """Rewards, lengths, failures and staleness of the step's sampled groups."""
+    rollout = run.rollout
+    samples = [s for g in groups for s in g.samples]
+    verifier = RewardScores.merged(scores)
     rewards = torch.tensor([s.reward for s in samples])
     lengths = torch.tensor([float(len(s.response_ids)) for s in samples])
+    verifier_mean = sum(verifier.scores) / len(verifier.scores)
     return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-            "reward_errors": scores.errors, "reward_timeouts": scores.timeouts, **scores.extra_means(),
-            **({"reward_verifier_mean": sum(scores.scores) / len(samples),
-                "overlong_penalty_mean": sum(penalties) / len(samples)} if run.cfg.rollout.overlong_buffer else {}),
+            "reward_errors": verifier.errors, "reward_timeouts": verifier.timeouts, **verifier.extra_means(),
+            **({"reward_verifier_mean": verifier_mean, "overlong_penalty_mean": verifier_mean - rewards.mean().item()}
+               if run.cfg.rollout.overlong_buffer else {}),
             "response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
             "response_truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "rollout_retries": rollout.client.retries, "rollout_sync_interrupted": rollout.client.sync_interrupted,
@@ -273,8 +312,10 @@ def receive_rows(run: Run, groups: list[Group] | None) -> tuple[TrainBatch, list
                               with_routes=run.cfg.train.routes_from_rollout,
                               num_experts=run.policy.spec.config.num_moe_experts, vision=mine.vision,
                               layout=image_layout(run.policy.spec))
-    if run.cfg.loss.mask_truncated:  # cut responses leave the loss and its normaliser
-        batch.loss_mask[torch.tensor([s.finish_reason == "length" for s in mine.samples])] = 0.0
+    # Samples that only fill the batch, and cut responses under loss.mask_truncated, leave the
+    # loss and its normaliser.
+    out = [not s.in_loss or (run.cfg.loss.mask_truncated and s.finish_reason == "length") for s in mine.samples]
+    batch.loss_mask[torch.tensor(out, dtype=torch.bool)] = 0.0
     return batch.to(run.device), mine.minibatch_rows
 
 
@@ -360,7 +401,15 @@ def histograms(run: Run, batch: TrainBatch) -> None:
 # ---- evaluation -------------------------------------------------------------------------------
 
 def evaluate(run: Run) -> dict[str, float]:
-    """Rank 0: Pass@1 averaged over k samples per validation problem (avg@k)."""
+    """Rank 0: Pass@1 averaged over k samples per validation problem (avg@k), and every
+    ``eval.sets`` set's avg@k and pass@k (``eval_sets.py``)."""
+    metrics = {}
+    for loaded in run.rollout.eval_sets:
+        metrics.update(evaluate_set(loaded, run.rollout.pipeline.generate, run.rollout.tokenizer, run.cfg, run.step))
+    return {**validation_pass_at_1(run), **metrics}
+
+
+def validation_pass_at_1(run: Run) -> dict[str, float]:
     cfg, rollout = run.cfg, run.rollout
     problems = rollout.val_prompts[:cfg.eval.max_problems] if cfg.eval.max_problems else rollout.val_prompts
     if not problems:
@@ -545,8 +594,9 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     else:
         scorer = RewardScorer(reward_name(cfg.data), cfg.data.reward_timeout_s, workers=cfg.data.reward_workers)
     log = RunLog(out_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step)
+    eval_sets = load_sets(cfg, tokenizer, processor)
     return Rollout(client=client, pipeline=pipeline, val_prompts=val_prompts, sampler=sampler, scorer=scorer,
-                   manager=manager, log=log, tokenizer=tokenizer)
+                   eval_sets=eval_sets, manager=manager, log=log, tokenizer=tokenizer)
 
 
 def checkpoint(run: Run) -> None:
@@ -567,6 +617,8 @@ def stop(run: Run) -> None:
     if run.rollout:
         run.rollout.pipeline.close()
         run.rollout.scorer.close()
+        for loaded in run.rollout.eval_sets:
+            loaded.scorer.close()
         run.rollout.log.close()
         if run.rollout.manager:
             run.rollout.manager.stop()

@@ -99,6 +99,8 @@ class Sample:
     while reading each input token (R3); None unless requested."""
     response_text: str | None = None
     reward: float | None = None
+    in_loss: bool = True
+    """False: the sample only fills the batch (a group dynamic sampling could not replace)."""
 
     def __post_init__(self) -> None:
         if len(self.rollout_logprobs) != len(self.response_ids):

@@ -16,7 +16,9 @@ from megatron_sapo.data.tasks import get_task
 
 def check_data(cfg: RunConfig) -> None:
     data = cfg.data
-    for key, lookup, name in (("data.task", get_task, data.task), ("data.reward", get_reward, data.reward)):
+    named = [("data.task", get_task, data.task), ("data.reward", get_reward, data.reward)]
+    named += [(f"eval.sets[{s.name!r}].reward", get_reward, s.reward) for s in cfg.eval.sets]
+    for key, lookup, name in named:
         try:
             if name is not None:
                 lookup(name)

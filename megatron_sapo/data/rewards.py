@@ -142,6 +142,19 @@ class RewardScores:
     def extra_means(self) -> dict[str, float]:
         return {f"reward_{key}_mean": sum(values) / len(values) for key, values in self.extras.items() if values}
 
+    @staticmethod
+    def merged(parts: list["RewardScores"]) -> "RewardScores":
+        """One batch's scores after another's (dynamic sampling's rounds)."""
+        total = RewardScores(scores=[])
+        for part in parts:
+            total.scores += part.scores
+            for key, values in part.extras.items():
+                total.extras.setdefault(key, []).extend(values)
+            total.errors += part.errors
+            total.timeouts += part.timeouts
+            total.first_error = total.first_error or part.first_error
+        return total
+
 
 @dataclass
 class _Worker:
