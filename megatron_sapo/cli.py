@@ -32,11 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_selfcheck)
     from megatron_sapo.analysis import compare
     from megatron_sapo.convert import commands, parity
-    from megatron_sapo import train_command
+    from megatron_sapo import eval_command, train_command
     from megatron_sapo.plan import command as plan_command
     from megatron_sapo.rollout import server
 
     train_command.register(sub)
+    eval_command.register(sub)
     plan_command.register(sub)
     commands.register(sub)
     parity.register(sub)
@@ -55,6 +56,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from megatron_sapo.parallel.launch import LaunchError
     from megatron_sapo.parallel.megatron_cpu import CompatError
     from megatron_sapo.rollout.client import RolloutError
+    from megatron_sapo.data.remote_reward import RewardServiceError
     from megatron_sapo.rollout.manager import ServerStartError
     from megatron_sapo.training.checkpoint import CheckpointError
 
@@ -68,6 +70,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         CompatError,  # the installed Megatron-Core is not the one the patches fit: install the pinned version
         ServerStartError,  # an SGLang server exited or never became healthy: the message names its log
         RolloutError,  # the servers failed every retry or serve another model: the message lists each failure
+        RewardServiceError,  # data.reward_url failed every retry: the message names it and lists each failure
         # Not WeightSyncError: a server refusing an update mostly means the names, shapes or dtypes we
         # sent are wrong (a bug), and its message can be a bare underlying error; it keeps its traceback.
     )

@@ -81,6 +81,9 @@ class LossConfig:
     """Lower end of the band of "mis" and "icepop" (>= 0)."""
     rollout_correction_high: float = 2.0
     """Upper end of their band, and the truncation of "tis" (> rollout_correction_low)."""
+    mask_truncated: bool = False
+    """Responses cut at ``rollout.max_new_tokens`` (finish reason "length") leave the loss and its
+    normaliser: an unfinished answer's reward says little about its tokens."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,6 +111,7 @@ class LossConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"loss.{key} must be a number >= 0, got {value!r}")
+        _check_bool("loss.mask_truncated", self.mask_truncated)
         _check_choice("loss.behavior_logprobs", self.behavior_logprobs, BEHAVIOR_LOGPROBS)
         _check_choice("loss.rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
         _check_positive("loss.rollout_correction_high", self.rollout_correction_high)
@@ -283,6 +287,8 @@ RolloutMode = Literal["colocated", "disaggregated"]
 ROLLOUT_MODES: tuple[str, ...] = get_args(RolloutMode)
 PartialRollout = Literal["wait", "abort", "continue"]
 PARTIAL_ROLLOUTS: tuple[str, ...] = get_args(PartialRollout)
+GroupFilter = Literal["none", "nonzero_std"]
+GROUP_FILTERS: tuple[str, ...] = get_args(GroupFilter)
 WeightSyncMethod = Literal["tensor", "distributed", "disk"]
 WEIGHT_SYNC_METHODS: tuple[str, ...] = get_args(WeightSyncMethod)
 RoutingReplayMode = Literal["none", "r2", "r3"]
@@ -387,6 +393,19 @@ class RolloutConfig:
     release_memory_during_train: bool = False
     """Colocated on GPUs: have SGLang release its KV cache and weights while the trainer runs
     (SGLang ``--enable-memory-saver``), resume the weights before the sync and the cache after."""
+    filter_groups: GroupFilter = "none"
+    """Dynamic sampling (DAPO): "nonzero_std" drops the groups whose rewards are all equal (their
+    advantages are all 0) and samples more prompts, up to ``max_sampling_rounds`` rounds of
+    ``prompts_per_step``, until ``prompts_per_step`` groups are left to train on; if the rounds
+    run out, dropped groups fill the batch and leave the loss."""
+    max_sampling_rounds: int = 3
+    """Rounds of ``prompts_per_step`` prompts one step may sample under ``filter_groups``."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong penalty: a response longer than ``max_new_tokens - overlong_buffer``
+    loses ``overlong_penalty`` x (its excess / overlong_buffer) of its reward, up to the whole
+    penalty at ``max_new_tokens`` (0: off)."""
+    overlong_penalty: float = 1.0
+    """The largest penalty of the overlong buffer (subtracted from the reward)."""
     max_staleness: int = 0
     """k: the servers may generate the groups of step n with the weights of step n - 1 - k at
     the oldest, so with k >= 1 they generate the next steps' groups while the trainer trains
@@ -427,6 +446,13 @@ class RolloutConfig:
         if self.release_memory_during_train and self.mode != "colocated":
             raise ConfigError('rollout.release_memory_during_train needs rollout.mode = "colocated"')
         _check_int("rollout.max_staleness", self.max_staleness, 0)
+        _check_choice("rollout.filter_groups", self.filter_groups, GROUP_FILTERS)
+        _check_int("rollout.max_sampling_rounds", self.max_sampling_rounds, 1)
+        _check_int("rollout.overlong_buffer", self.overlong_buffer, 0)
+        _check_positive("rollout.overlong_penalty", self.overlong_penalty)
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ConfigError(f"rollout.overlong_buffer = {self.overlong_buffer} must be below rollout.max_new_tokens "
+                              f"= {self.max_new_tokens} (the penalty starts at max_new_tokens - overlong_buffer)")
         _check_choice("rollout.partial", self.partial, PARTIAL_ROLLOUTS)
         if self.max_staleness and self.release_memory_during_train:
             raise ConfigError(f"rollout.max_staleness = {self.max_staleness} overlaps generation with training, "
@@ -534,10 +560,21 @@ class DataConfig:
     system_prompt: str | None = None
     """System message placed before every prompt (prompts that carry their own are refused)."""
     reward: str | None = None
-    """Reward function by registry name ("math", "exact_match", ...). Unset: the synthetic
-    task's own verifier when ``task`` is set, else "math"."""
+    """The reward function: a built-in name ("math", "exact_match"), "path/to/file.py:function"
+    or "package.module:function", called as f(response, answer, fields) and returning a float or
+    a dict with "score" and extra numbers (``data/rewards.py``). Unset: the synthetic task's own
+    verifier when ``task`` is set, else "math"."""
     reward_timeout_s: float = 10.0
     """Seconds one reward call may take; slower calls score 0 and are counted."""
+    reward_workers: int = 1
+    """Processes scoring responses at once (a slow verifier does not serialise the step); with
+    ``reward_url``, requests in flight at once."""
+    reward_url: str | None = None
+    """An HTTP service that scores responses instead of a function (a reward-model server):
+    batches POSTed as JSON, ``data/remote_reward.py`` gives the format. ``reward_timeout_s`` is
+    then per request."""
+    reward_retries: int = 3
+    """Retries of a failed request to ``reward_url`` before the step fails."""
     shuffle: bool = True
     """Reshuffle the training prompts every epoch."""
     seed: int = 0
@@ -557,6 +594,14 @@ class DataConfig:
         for key in ("prompt_key", "answer_key", "image_key"):
             _check_text(f"data.{key}", getattr(self, key))
         _check_positive("data.reward_timeout_s", self.reward_timeout_s)
+        _check_int("data.reward_workers", self.reward_workers, 1)
+        _check_int("data.reward_retries", self.reward_retries, 0)
+        _check_text("data.reward_url", self.reward_url, optional=True)
+        if self.reward_url is not None:
+            if not self.reward_url.startswith(("http://", "https://")):
+                raise ConfigError(f"data.reward_url must start with http:// or https://, got {self.reward_url!r}")
+            if self.reward is not None:
+                raise ConfigError("data.reward and data.reward_url both name a reward; set one")
         _check_bool("data.shuffle", self.shuffle)
         _check_int("data.seed", self.seed, 0)
         _check_int("data.max_prompt_tokens", self.max_prompt_tokens, 1)
@@ -569,8 +614,50 @@ class DataConfig:
 
 
 @dataclass
+class EvalSet:
+    """One evaluation set (``[[eval.sets]]``): a prompt file scored by its own reward, reported
+    as ``eval_<name>_avg_at_<k>`` (Pass@1 as the mean over k samples per problem) and
+    ``eval_<name>_pass_at_<j>`` for j = 1, 2, 4, ... up to k (the unbiased estimator: a response
+    counts as solved when its reward is above 0.5)."""
+
+    name: str
+    """Names the set's metrics: lowercase letters, digits and "_"."""
+    path: str
+    """A .jsonl or .parquet prompt file."""
+    prompt_key: str | None = None
+    """Its prompt field; unset: ``data.prompt_key``."""
+    answer_key: str | None = None
+    """Its answer field; unset: ``data.answer_key``."""
+    reward: str = "math"
+    """Its reward function, as ``data.reward`` names one."""
+    samples: int = 4
+    """k: responses sampled per problem."""
+    max_new_tokens: int | None = None
+    """Longest response; unset: rollout.max_new_tokens."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    max_problems: int | None = None
+    """Use only the first this many problems; unset: all."""
+
+    def __post_init__(self) -> None:
+        where = f"eval.sets[{self.name!r}]"
+        if not isinstance(self.name, str) or not self.name or not all(c.islower() or c.isdigit() or c == "_"
+                                                                     for c in self.name):
+            raise ConfigError(f"eval.sets: name must be lowercase letters, digits and _, got {self.name!r}")
+        _check_text(f"{where}.path", self.path)
+        _check_text(f"{where}.reward", self.reward)
+        for key in ("prompt_key", "answer_key"):
+            _check_text(f"{where}.{key}", getattr(self, key), optional=True)
+        _check_int(f"{where}.samples", self.samples, 1)
+        _check_optional_int(f"{where}.max_new_tokens", self.max_new_tokens, 1)
+        _check_positive(f"{where}.temperature", self.temperature)
+        _check_optional_int(f"{where}.max_problems", self.max_problems, 1)
+
+
+@dataclass
 class EvalConfig:
-    """Periodic evaluation: Pass@1 estimated as avg@k over the validation prompts."""
+    """Periodic evaluation: Pass@1 estimated as avg@k over the validation prompts, and any
+    further sets (``sets``)."""
 
     every: int = 0
     """Evaluate every this many RL steps (and after the last one); 0 disables evaluation."""
@@ -582,8 +669,13 @@ class EvalConfig:
     """Sampling temperature of evaluation."""
     max_new_tokens: int | None = None
     """Longest evaluation response; unset: rollout.max_new_tokens."""
+    sets: list[EvalSet] = dataclasses.field(default_factory=list)
+    """More evaluation sets, each with its own file, reward and sampling (``[[eval.sets]]``)."""
 
     def __post_init__(self) -> None:
+        names = [s.name for s in self.sets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"eval.sets: names must differ, got {names}")
         _check_int("eval.every", self.every, 0)
         _check_int("eval.samples_per_problem", self.samples_per_problem, 1)
         _check_optional_int("eval.max_problems", self.max_problems, 1)
@@ -671,8 +763,9 @@ class RunConfig:
             raise ConfigError(
                 f"train.max_tokens_per_microbatch = {budget} is smaller than train.max_seq_len = "
                 f"{self.train.max_seq_len} rounded up to the sequence-parallel multiple {multiple}")
-        if self.eval.every and not self.data.has_validation:
-            raise ConfigError("eval.every > 0 needs validation prompts: set data.val_path or use a data.task")
+        if self.eval.every and not self.data.has_validation and not self.eval.sets:
+            raise ConfigError("eval.every > 0 needs validation prompts: set data.val_path, use a data.task or "
+                              "add eval.sets")
         if self.train.sft_steps and self.data.task is None:
             raise ConfigError("train.sft_steps > 0 needs a data.task (the cold start uses its worked pairs)")
 

@@ -128,6 +128,23 @@ def _coerce(where: str, value: object, hint: object) -> object:
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be {_describe(hint)}, got {value!r}")
         return [_coerce(f"{where}[{i}]", item, args[0]) for i, item in enumerate(value)]
+    elif dataclasses.is_dataclass(hint):  # a table inside a section ([[eval.sets]])
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        hints = get_type_hints(hint)
+        known = [field.name for field in dataclasses.fields(hint)]
+        for key in value:
+            if key not in known:
+                raise ConfigError(f"{where}: unknown key {key}{_did_you_mean(key, known)}")
+        missing = [f.name for f in dataclasses.fields(hint)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in value]
+        if missing:
+            raise ConfigError(f"{where}: missing {', '.join(missing)}")
+        try:
+            return hint(**{key: _coerce(f"{where}.{key}", item, hints[key]) for key, item in value.items()})
+        except ConfigError as err:
+            source = where.rsplit(": ", 1)[0]
+            raise ConfigError(str(err) if str(err).startswith(source) else f"{source}: {err}") from None
     else:
         raise TypeError(f"{where}: the loader has no rule for fields of type {hint}")
     if not ok:
@@ -143,7 +160,8 @@ def _describe(hint: object) -> str:
     if get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(hint))
     if get_origin(hint) is list:
-        return "a list of " + _TYPE_NAMES[get_args(hint)[0]][1]
+        item = get_args(hint)[0]
+        return "a list of " + ("tables" if dataclasses.is_dataclass(item) else _TYPE_NAMES[item][1])
     return _TYPE_NAMES[hint][0]
 
 
@@ -178,6 +196,10 @@ def _toml_value(key: str, value: object) -> str:
         return _toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(key, item) for item in value) + "]"
+    if dataclasses.is_dataclass(value):  # an inline table
+        items = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+        return "{" + ", ".join(f"{name} = {_toml_value(f'{key}.{name}', item)}" for name, item in items
+                               if item is not None) + "}"
     raise TypeError(f"{key}: cannot write a {type(value).__name__} to TOML")
 
 

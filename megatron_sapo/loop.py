@@ -38,6 +38,8 @@ from megatron_sapo.algo import gate_diagnostics, group_advantages
 from megatron_sapo.algo.correction import correction_metrics, correction_sums, rollout_correction
 from megatron_sapo.config import RunConfig
 from megatron_sapo.config_file import dump_config
+from megatron_sapo.data.rewards import RewardScores
+from megatron_sapo.eval_sets import LoadedSet, evaluate_set, load_sets
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.rollout.client import RolloutClient, RoutedExperts, SamplingParams
 from megatron_sapo.rollout.pipeline import STATE_FILE, RolloutPipeline, sample_seed, staleness, version_step
@@ -67,6 +69,9 @@ class Rollout:
     manager: object | None
     log: object
     tokenizer: object
+    eval_sets: list[LoadedSet]
+    reward_failure_reported: bool = False
+    """Whether the run's first failed reward call has been printed."""
 
 
 @dataclass
@@ -104,7 +109,7 @@ def rl_step(run: Run) -> dict[str, float]:
     with run.timed("rollout"):
         groups = rollout_groups(run, step)
     with run.timed("reward"):
-        rollout_metrics = score_groups(run, groups) if run.rollout else {}
+        groups, sampled_metrics = score_groups(run, step, groups) if run.rollout else (None, {})
         batch, minibatch_rows = receive_rows(run, groups)
     release = cfg.rollout.release_memory_during_train and run.rollout is not None
     if release:
@@ -130,7 +135,7 @@ def rl_step(run: Run) -> dict[str, float]:
         sync_weights(run, step)
     if release:
         run.rollout.client.resume_memory(("kv_cache",))
-    metrics = {**rollout_metrics, **mean_metrics([m.as_dict() for m in update_metrics]), **behaviour_metrics,
+    metrics = {**sampled_metrics, **mean_metrics([m.as_dict() for m in update_metrics]), **behaviour_metrics,
                "train_token_util": sum(m.real_tokens for m in update_metrics)
                / sum(m.processed_tokens for m in update_metrics), **replica_load(batch, run.pg)}
     clipped = [metrics[k] for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual") if k in metrics]
@@ -183,20 +188,61 @@ def sync_weights(run: Run, version: int) -> None:
         run.rollout.pipeline.after_sync(version)
 
 
-def score_groups(run: Run, groups: list[Group]) -> dict[str, float]:
-    """Rank 0: decode responses, score them, store the rewards on the samples."""
+def score_groups(run: Run, step: int, groups: list[Group]) -> tuple[list[Group], dict[str, float]]:
+    """Rank 0: the groups to train on, scored, and the step's rollout metrics. With
+    ``rollout.filter_groups = "nonzero_std"`` (dynamic sampling) groups whose rewards are all
+    equal are dropped and more prompts sampled, round after round, until ``prompts_per_step``
+    groups remain or ``max_sampling_rounds`` is reached; dropped groups then fill the batch and
+    leave the loss. Reward metrics describe every group sampled."""
+    cfg = run.cfg.rollout
+    scores = [score(run, groups)]
+    if cfg.filter_groups == "none":
+        return groups, rollout_metrics(run, groups, scores)
+    sampled, rounds = list(groups), 1
+    useful = [g for g in groups if len(set(g.rewards)) > 1]
+    while len(useful) < cfg.prompts_per_step and rounds < cfg.max_sampling_rounds:
+        rounds += 1
+        more = run.rollout.pipeline.more_groups(step, rounds)
+        scores.append(score(run, more))
+        sampled += more
+        useful += [g for g in more if len(set(g.rewards)) > 1]
+    kept = useful[:cfg.prompts_per_step]
+    fill = [g for g in sampled if len(set(g.rewards)) == 1][:cfg.prompts_per_step - len(kept)]
+    for sample in (s for g in fill for s in g.samples):
+        sample.in_loss = False
+    metrics = rollout_metrics(run, sampled, scores)
+    metrics.update(groups_filtered_frac=1 - len(useful) / len(sampled), sampling_rounds=float(rounds))
+    return kept + fill, metrics
+
+
+def score(run: Run, groups: list[Group]):
+    """Rank 0: decode the responses, score them and store each sample's reward (the verifier's
+    score less the overlong penalty); the verifier's scores and counts."""
     rollout = run.rollout
     samples = [s for g in groups for s in g.samples]
     for sample in samples:
         sample.response_text = rollout.tokenizer.decode(sample.response_ids, skip_special_tokens=True)
     answers = [g.prompt.answer for g in groups for _ in g.samples]
-    scores = rollout.scorer.score([s.response_text for s in samples], answers)
-    for sample, score in zip(samples, scores.scores):
-        sample.reward = score
-    rewards = torch.tensor(scores.scores)
+    scores = rollout.scorer.score([s.response_text for s in samples], answers,
+                                  [g.prompt.fields for g in groups for _ in g.samples])
+    report_reward_failure(run, scores)
+    for sample, value in zip(samples, scores.scores):
+        sample.reward = value - overlong_penalty(len(sample.response_ids), run.cfg.rollout)
+    return scores
+
+
+def rollout_metrics(run: Run, groups: list[Group], scores: list) -> dict[str, float]:
+    """Rewards, lengths, failures and staleness of the step's sampled groups."""
+    rollout = run.rollout
+    samples = [s for g in groups for s in g.samples]
+    verifier = RewardScores.merged(scores)
+    rewards = torch.tensor([s.reward for s in samples])
     lengths = torch.tensor([float(len(s.response_ids)) for s in samples])
+    verifier_mean = sum(verifier.scores) / len(verifier.scores)
     return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-            "reward_errors": scores.errors, "reward_timeouts": scores.timeouts,
+            "reward_errors": verifier.errors, "reward_timeouts": verifier.timeouts, **verifier.extra_means(),
+            **({"reward_verifier_mean": verifier_mean, "overlong_penalty_mean": verifier_mean - rewards.mean().item()}
+               if run.cfg.rollout.overlong_buffer else {}),
             "response_length_mean": lengths.mean().item(), "response_length_max": lengths.max().item(),
             "response_truncated_frac": sum(s.finish_reason == "length" for s in samples) / len(samples),
             "rollout_retries": rollout.client.retries, "rollout_sync_interrupted": rollout.client.sync_interrupted,
@@ -212,6 +258,26 @@ def generation_timing(run: Run) -> dict[str, float]:
     generation = max(span[1] - span[0], 1e-9)
     return {"time_generation_s": generation, "time_generation_start_s": span[0] - run.step_started,
             "rollout_hidden_frac": min(max(1.0 - run.timings["time_rollout_s"] / generation, 0.0), 1.0)}
+
+
+def overlong_penalty(length: int, rollout) -> float:
+    """DAPO's soft overlong penalty of a response of ``length`` tokens (``rollout.overlong_buffer``)."""
+    buffer = rollout.overlong_buffer
+    start = rollout.max_new_tokens - buffer
+    if not buffer or length <= start:
+        return 0.0
+    return rollout.overlong_penalty * min(length - start, buffer) / buffer
+
+
+def report_reward_failure(run: Run, scores) -> None:
+    """The run's first failed reward call, with its traceback, once (later ones are counted in
+    ``reward_errors`` / ``reward_timeouts``)."""
+    if scores.first_error is None or run.rollout.reward_failure_reported:
+        return
+    run.rollout.reward_failure_reported = True
+    print(f"step {run.step}: a call of the reward function {run.rollout.scorer.name} failed and scored 0 "
+          f"(later failures are only counted: reward_errors, reward_timeouts):\n{scores.first_error}",
+          file=sys.stderr, flush=True)
 
 
 def staleness_metrics(samples: list, step: int) -> dict[str, float]:
@@ -246,6 +312,10 @@ def receive_rows(run: Run, groups: list[Group] | None) -> tuple[TrainBatch, list
                               with_routes=run.cfg.train.routes_from_rollout,
                               num_experts=run.policy.spec.config.num_moe_experts, vision=mine.vision,
                               layout=image_layout(run.policy.spec))
+    # Samples that only fill the batch, and cut responses under loss.mask_truncated, leave the
+    # loss and its normaliser.
+    out = [not s.in_loss or (run.cfg.loss.mask_truncated and s.finish_reason == "length") for s in mine.samples]
+    batch.loss_mask[torch.tensor(out, dtype=torch.bool)] = 0.0
     return batch.to(run.device), mine.minibatch_rows
 
 
@@ -331,7 +401,15 @@ def histograms(run: Run, batch: TrainBatch) -> None:
 # ---- evaluation -------------------------------------------------------------------------------
 
 def evaluate(run: Run) -> dict[str, float]:
-    """Rank 0: Pass@1 averaged over k samples per validation problem (avg@k)."""
+    """Rank 0: Pass@1 averaged over k samples per validation problem (avg@k), and every
+    ``eval.sets`` set's avg@k and pass@k (``eval_sets.py``)."""
+    metrics = {}
+    for loaded in run.rollout.eval_sets:
+        metrics.update(evaluate_set(loaded, run.rollout.pipeline.generate, run.rollout.tokenizer, run.cfg, run.step))
+    return {**validation_pass_at_1(run), **metrics}
+
+
+def validation_pass_at_1(run: Run) -> dict[str, float]:
     cfg, rollout = run.cfg, run.rollout
     problems = rollout.val_prompts[:cfg.eval.max_problems] if cfg.eval.max_problems else rollout.val_prompts
     if not problems:
@@ -342,7 +420,9 @@ def evaluate(run: Run) -> dict[str, float]:
                               max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
     groups = rollout.pipeline.generate(problems, k, sampling, seeds, rid_prefix=f"eval{run.step}")
     responses = [rollout.tokenizer.decode(s.response_ids, skip_special_tokens=True) for g in groups for s in g.samples]
-    scores = rollout.scorer.score(responses, [g.prompt.answer for g in groups for _ in g.samples])
+    scores = rollout.scorer.score(responses, [g.prompt.answer for g in groups for _ in g.samples],
+                                  [g.prompt.fields for g in groups for _ in g.samples])
+    report_reward_failure(run, scores)
     return {"pass_at_1": sum(scores.scores) / len(scores.scores), "eval_problems": len(problems)}
 
 
@@ -455,7 +535,8 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     from megatron_sapo.data.chat import encode_records
     from megatron_sapo.data.checks import reward_name
     from megatron_sapo.data.datasets import PromptSampler, load_split
-    from megatron_sapo.data.rewards import RewardScorer, get_reward
+    from megatron_sapo.data.remote_reward import RemoteRewardScorer
+    from megatron_sapo.data.rewards import RewardScorer
     from megatron_sapo.data.tasks import get_task
     from megatron_sapo.parallel.ports import free_port
     from megatron_sapo.rollout.manager import ServerManager
@@ -507,10 +588,15 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
                            image_token_id=layout.image_token_id if layout else None, partial=cfg.rollout.partial)
     pipeline = RolloutPipeline(client, prompts, sampler, cfg.rollout, version=version_step(state.weight_version),
                                last_step=cfg.train.steps)
-    scorer = RewardScorer(get_reward(reward_name(cfg.data)), cfg.data.reward_timeout_s)
+    if cfg.data.reward_url:
+        scorer = RemoteRewardScorer(cfg.data.reward_url, cfg.data.reward_timeout_s, workers=cfg.data.reward_workers,
+                                    retries=cfg.data.reward_retries)
+    else:
+        scorer = RewardScorer(reward_name(cfg.data), cfg.data.reward_timeout_s, workers=cfg.data.reward_workers)
     log = RunLog(out_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step)
+    eval_sets = load_sets(cfg, tokenizer, processor)
     return Rollout(client=client, pipeline=pipeline, val_prompts=val_prompts, sampler=sampler, scorer=scorer,
-                   manager=manager, log=log, tokenizer=tokenizer)
+                   eval_sets=eval_sets, manager=manager, log=log, tokenizer=tokenizer)
 
 
 def checkpoint(run: Run) -> None:
@@ -531,6 +617,8 @@ def stop(run: Run) -> None:
     if run.rollout:
         run.rollout.pipeline.close()
         run.rollout.scorer.close()
+        for loaded in run.rollout.eval_sets:
+            loaded.scorer.close()
         run.rollout.log.close()
         if run.rollout.manager:
             run.rollout.manager.stop()

@@ -11,7 +11,7 @@ router chose while reading token ``t``), which is the same thing, since the toke
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -73,6 +73,8 @@ class Prompt:
     placeholders; ``prompt_ids`` already hold each image's expanded ``<|image_pad|>`` tokens."""
     vision: VisionInputs | None = None
     """The same images through the model's processor, for the trainer (None without images)."""
+    fields: dict = field(default_factory=dict)
+    """The row's other fields (neither prompt, answer nor images), for the reward function."""
 
 
 @dataclass
@@ -97,6 +99,8 @@ class Sample:
     while reading each input token (R3); None unless requested."""
     response_text: str | None = None
     reward: float | None = None
+    in_loss: bool = True
+    """False: the sample only fills the batch (a group dynamic sampling could not replace)."""
 
     def __post_init__(self) -> None:
         if len(self.rollout_logprobs) != len(self.response_ids):

@@ -86,7 +86,7 @@ def encode_records(records: Sequence[PromptRecord], tokenizer, system_prompt: st
             else:
                 text = render_prompt(tokenizer, record.prompt, system_prompt)
                 prompt = Prompt(index=0, prompt_ids=list(tokenizer(text, add_special_tokens=False)["input_ids"]),
-                                answer=record.answer, text=text)
+                                answer=record.answer, text=text, fields=record.fields)
         except (ValueError, TemplateError) as err:  # e.g. a template refusing a message order
             raise InputError(f"{record.source}: {err}") from None
         if len(prompt.prompt_ids) > max_prompt_tokens:
@@ -134,7 +134,7 @@ def encode_image_prompt(processor, record: PromptRecord, system_prompt: str | No
         raise InputError(f"the processor made {vision.num_images} image(s) of {len(record.images)}: does the chat "
                          "template write one image placeholder per image part?")
     return Prompt(index=0, prompt_ids=encoded["input_ids"][0].tolist(), answer=record.answer, text=text,
-                  images=list(record.images), vision=vision)
+                  images=list(record.images), vision=vision, fields=record.fields)
 
 
 def decode_image(data: bytes):

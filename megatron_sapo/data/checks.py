@@ -3,7 +3,8 @@ a task with images meets a model that reads them. ``config_file.config_from_dict
 a config is loaded, so a misspelt name fails before anything starts; ``config.py`` itself
 imports nothing of ``data/`` (it sits below it).
 
-A custom reward must be registered (``data.rewards.register_reward``) before its config is loaded.
+A reward given as ``file.py:function`` or ``module:function`` is loaded here, so a missing file or
+function, or one that cannot take (response, answer, fields), fails with the config's error.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from megatron_sapo.data.tasks import get_task
 
 def check_data(cfg: RunConfig) -> None:
     data = cfg.data
-    for key, lookup, name in (("data.task", get_task, data.task), ("data.reward", get_reward, data.reward)):
+    named = [("data.task", get_task, data.task), ("data.reward", get_reward, data.reward)]
+    named += [(f"eval.sets[{s.name!r}].reward", get_reward, s.reward) for s in cfg.eval.sets]
+    for key, lookup, name in named:
         try:
             if name is not None:
                 lookup(name)

@@ -61,7 +61,7 @@ def read_prompt_file(path: str | Path, prompt_key: str = "prompt", answer_key: s
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such prompt file")
     rows = (_jsonl_rows(path) if path.suffix == ".jsonl"
-            else _parquet_rows(path, [prompt_key, answer_key], optional=[image_key]))
+            else _parquet_rows(path, [prompt_key, answer_key]))
     records, problems = [], []
     for where, row, parse_error in rows:
         if parse_error:
@@ -76,7 +76,10 @@ def read_prompt_file(path: str | Path, prompt_key: str = "prompt", answer_key: s
         except ValueError as err:
             problems.append(f"{where}: {err}")
             continue
-        records.append(PromptRecord(index=len(records), prompt=prompt, answer=answer, source=where, images=images))
+        fields = {k: v for k, v in row.items() if k not in (prompt_key, answer_key, image_key)} \
+            if isinstance(row, dict) else {}
+        records.append(PromptRecord(index=len(records), prompt=prompt, answer=answer, source=where, images=images,
+                                    fields=fields))
     if problems:
         listed = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
         raise MalformedRowsError(f"{path}: {len(problems)} malformed row(s); the first:\n  {listed}")
@@ -106,17 +109,16 @@ def _jsonl_rows(path: Path) -> Iterator[Row]:
                 yield where, None, f"invalid JSON ({err.msg} at column {err.colno})"
 
 
-def _parquet_rows(path: Path, keys: list[str], optional: list[str] = ()) -> Iterator[Row]:
-    """Rows of the columns ``keys`` need (all required) and of those ``optional`` needs, if present."""
+def _parquet_rows(path: Path, keys: list[str]) -> Iterator[Row]:
+    """Every row, all columns (the reward function gets the row's other fields); the columns
+    ``keys`` need must exist."""
     import pyarrow.parquet as pq
 
-    columns = list(dict.fromkeys(key.split(".")[0] for key in keys))
     available = pq.read_schema(path).names
-    missing = [c for c in columns if c not in available]
+    missing = [c for c in dict.fromkeys(key.split(".")[0] for key in keys) if c not in available]
     if missing:
         raise MalformedRowsError(f"{path}: no column {missing[0]!r} (columns: {', '.join(available)})")
-    columns += [c for c in dict.fromkeys(key.split(".")[0] for key in optional) if c in available and c not in columns]
-    for number, row in enumerate(pq.read_table(path, columns=columns).to_pylist()):
+    for number, row in enumerate(pq.read_table(path).to_pylist()):
         yield f"{path}: row {number}", row, None
 
 

@@ -11,7 +11,7 @@ marker gets all its images before the text of its first user message.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 Message = dict[str, str]
 PromptValue = str | list[Message]
@@ -34,6 +34,8 @@ class PromptRecord:
     """Where it came from, for error messages: ``file:line``, ``file: row N`` or ``task[split]``."""
     images: tuple[bytes, ...] = ()
     """Encoded image files of a multimodal problem, in placeholder order; empty for text."""
+    fields: dict = field(default_factory=dict)
+    """The row's other fields, passed to the reward function."""
 
 
 def prompt_problem(value: object) -> str | None:

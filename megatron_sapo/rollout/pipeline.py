@@ -178,6 +178,16 @@ class RolloutPipeline:
 
         self._run(all_of())
 
+    def more_groups(self, step: int, round_: int) -> list[Group]:
+        """Another ``prompts_per_step`` prompts for step ``step`` (dynamic sampling's round
+        ``round_`` >= 2), now, under the servers' weights; seeds differ from every other round's."""
+        prompts = [self.prompts[i] for i in self.sampler.next_indices()]
+        size = self.cfg.group_size
+        seeds = [[sample_seed(self.cfg.sampling_seed, step, p.index, j + (round_ - 1) * size) for j in range(size)]
+                 for p in prompts]
+        return self._run(self.client.agenerate_groups(prompts, size, self.sampling, seeds,
+                                                      rid_prefix=f"step{step}r{round_}"))
+
     def generate(self, prompts: list[Prompt], group_size: int, sampling: SamplingParams,
                  seeds: list[list[int | None]], rid_prefix: str) -> list[Group]:
         """Generate now (evaluation), beside whatever the pipeline has in flight."""

@@ -131,18 +131,34 @@ def test_sigterm_or_stop_file_ends_the_run_after_the_step_with_a_checkpoint(stra
     assert not (out / "STOP").exists()
 
 
-def test_bounded_staleness_generates_ahead_and_resumes_exactly(straight, tmp_path):
+REWARD_PLUGIN = """
+def reverse_reward(response, answer, fields):
+    return {"score": float(response.strip() == answer), "chars": len(response)}
+"""
+
+
+def test_bounded_staleness_and_dynamic_sampling_resume_exactly(straight, tmp_path):
     """rollout.max_staleness = 1: step n trains groups the weights of step n - 2 sampled while
-    step n - 1 trained (staleness exactly 1 from step 2, never more). A run stopped by the STOP
-    file after any step (the checkpoint holds the groups generated ahead: one step finished, the
-    next in flight or finished) and resumed equals a straight run, step for step."""
+    step n - 1 trained (staleness 1 from step 2, never more), with dynamic sampling (groups of
+    equal rewards dropped, more prompts sampled under the current weights) and a reward plugin
+    file scored by 2 workers. A run stopped by the STOP file after any step (the checkpoint holds
+    the groups generated ahead: one step finished, the next in flight or finished) and resumed
+    equals a straight run, step for step."""
     config = from_start_model(straight, tmp_path)
-    ahead = ["--steps", "4", "--save-every", "2", "--set", "rollout.max_staleness=1"]
+    plugin = tmp_path / "reverse_reward.py"
+    plugin.write_text(REWARD_PLUGIN)
+    ahead = ["--steps", "4", "--save-every", "2", "--set", "rollout.max_staleness=1",
+             "--set", "rollout.filter_groups=nonzero_std", "--set", "rollout.max_sampling_rounds=2",
+             "--set", f"data.reward={plugin}:reverse_reward", "--set", "data.reward_workers=2"]
     train(str(config), tmp_path / "straight", *ahead)
     reference = metrics(tmp_path / "straight")
     assert [r["rollout_staleness_max"] for r in reference] == [0.0, 1.0, 1.0, 1.0]
-    assert [r["rollout_staleness_mean"] for r in reference] == [0.0, 1.0, 1.0, 1.0]
     assert [r["rollout_weight_step"] for r in reference] == [0.0, 0.0, 1.0, 2.0]
+    for row in reference:
+        assert row["sampling_rounds"] in (1.0, 2.0) and 0 <= row["groups_filtered_frac"] < 1
+        assert row["reward_chars_mean"] > 0 and row["reward_errors"] == 0
+    assert any(r["groups_filtered_frac"] > 0 for r in reference), "no group was filtered: the test is blind"
+    assert any(r["sampling_rounds"] == 2.0 for r in reference), "no second round was sampled"
     print("\nrollout seconds per step at k = 1 (generated ahead from step 2):",
           [round(r["time_rollout_s"], 3) for r in reference])
 
@@ -160,7 +176,8 @@ def test_bounded_staleness_generates_ahead_and_resumes_exactly(straight, tmp_pat
     resumed = metrics(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for ours, theirs in zip(resumed, reference):
-        for key in ("reward_mean", "loss", "grad_norm", "rollout_staleness_mean", "rollout_weight_step"):
+        for key in ("reward_mean", "loss", "grad_norm", "rollout_staleness_mean", "rollout_weight_step",
+                    "groups_filtered_frac", "sampling_rounds"):
             assert ours[key] == theirs[key], (ours["step"], key, stopped_after)
 
 
@@ -262,3 +279,46 @@ def test_data_parallel_packed_run_under_torchrun(straight, tmp_path):
     for key in ("loss", "grad_norm", "kl_old"):
         assert abs(rows[0][key] - first[key]) <= 1e-5 * abs(first[key]), (key, rows[0][key], first[key])
     assert all(r["grad_norm"] > 0 and r["train_token_util"] > 0.95 for r in rows)
+
+
+def test_eval_command_evaluates_a_training_checkpoint(straight, tmp_path):
+    """`megatron-sapo eval` on the straight run's latest checkpoint: written as an HF folder with
+    the run's tokenizer, served by SGLang, and two sets evaluated on the task's validation
+    problems as a prompt file: by exact match at temperature 1, and by a reward plugin at 0.5.
+    avg@k and pass@k land in eval.json, eval.md and the last line printed."""
+    from megatron_sapo.data.tasks import get_task
+
+    plugin = tmp_path / "reverse_reward.py"
+    plugin.write_text(REWARD_PLUGIN)
+    problems = tmp_path / "reverse_val.jsonl"
+    problems.write_text("".join(json.dumps({"prompt": r.prompt, "answer": r.answer}) + "\n"
+                                for r in get_task("tiny-reverse").records("val", 0)[:16]))
+    config = tmp_path / "eval.toml"
+    config.write_text((REPO / "examples/tiny_cpu/sapo.toml").read_text() + f"""
+[[eval.sets]]
+name = "reverse"
+path = "{problems}"
+reward = "exact_match"
+samples = 4
+
+[[eval.sets]]
+name = "reverse_cool"
+path = "{problems}"
+reward = "{plugin}:reverse_reward"
+samples = 2
+temperature = 0.5
+""")
+    out = tmp_path / "evaluated"
+    cmd = [sys.executable, "-m", "megatron_sapo.cli", "eval", str(config), "--checkpoint",
+           str(straight / "checkpoints"), "--output", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {**json.loads((out / "eval.json").read_text()), "output": str(out)}
+    assert result["eval_reverse_problems"] == 16 and result["eval_reverse_cool_problems"] == 16
+    assert result["eval_reverse_cool_reward_chars_mean"] > 0  # the plugin's extra
+    assert result["eval_reverse_avg_at_4"] == pytest.approx(result["eval_reverse_pass_at_1"])  # 0/1 reward
+    assert result["eval_reverse_pass_at_1"] <= result["eval_reverse_pass_at_2"] <= result["eval_reverse_pass_at_4"]
+    assert result["eval_reverse_pass_at_4"] > 0, "the trained model solved nothing: the test is blind"
+    assert (out / "hf" / "config.json").is_file() and (out / "hf" / "tokenizer_config.json").is_file()
+    assert "| reverse | 16 | 4 |" in (out / "eval.md").read_text()

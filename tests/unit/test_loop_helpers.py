@@ -41,3 +41,16 @@ def test_sample_seeds_are_reproducible_distinct_and_unset_without_a_base():
     seeds = {sample_seed(1234, step, prompt, sample) for step in range(4) for prompt in range(8) for sample in range(8)}
     assert len(seeds) == 4 * 8 * 8 and all(0 <= s < 2**62 for s in seeds)
     assert sample_seed(1235, 0, 0, 0) != sample_seed(1234, 0, 0, 0)
+
+
+def test_the_soft_overlong_penalty_grows_linearly_over_its_buffer():
+    """DAPO: 0 up to max_new_tokens - buffer, then (excess / buffer) x penalty, the whole penalty
+    at max_new_tokens; off with a buffer of 0."""
+    from megatron_sapo.config import ConfigError, RolloutConfig
+    from megatron_sapo.loop import overlong_penalty
+
+    cfg = RolloutConfig(max_new_tokens=16, overlong_buffer=4, overlong_penalty=0.5)
+    assert [overlong_penalty(n, cfg) for n in (1, 12, 13, 14, 16)] == [0.0, 0.0, 0.125, 0.25, 0.5]
+    assert overlong_penalty(16, RolloutConfig(max_new_tokens=16)) == 0.0
+    with pytest.raises(ConfigError, match="rollout.overlong_buffer = 16 must be below rollout.max_new_tokens = 16"):
+        RolloutConfig(max_new_tokens=16, overlong_buffer=16)

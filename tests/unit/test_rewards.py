@@ -11,6 +11,7 @@ import pytest
 from megatron_sapo.data import rewards
 from megatron_sapo.data.math_answers import answers_match, extract_final_answer, math_reward, parse_number
 from megatron_sapo.data.rewards import RewardScorer, get_reward, register_reward, score_samples
+from megatron_sapo.errors import InputError
 
 pytestmark = pytest.mark.unit
 
@@ -118,16 +119,17 @@ def test_failures_score_zero_and_are_counted():
     elapsed = time.monotonic() - start
     assert result.scores == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     assert result.timeouts == 1 and result.errors == 4
-    assert result.first_error == "RuntimeError: verifier exploded"
+    assert result.first_error.startswith("Traceback (most recent call last):")
+    assert result.first_error.endswith("RuntimeError: verifier exploded") and "in flaky_reward" in result.first_error
     assert elapsed < 30, f"the slow call was not cut at its timeout ({elapsed:.1f} s)"
 
 
 def test_scorer_keeps_its_worker_between_batches_and_checks_inputs():
     with RewardScorer(math_reward, timeout_s=5.0) as scorer:
         first = scorer.score([r"\boxed{2}", "3"], ["2", "4"])
-        worker = scorer._worker
+        worker = scorer._pool[0].process
         second = scorer.score(["1/2"], ["0.5"])
-        assert scorer._worker is worker
+        assert scorer._pool[0].process is worker
         with pytest.raises(ValueError, match="2 responses but 1 answers"):
             scorer.score(["a", "b"], ["a"])
     assert (first.scores, first.errors, first.timeouts) == ([1.0, 0.0], 0, 0) and second.scores == [1.0]
@@ -145,3 +147,102 @@ def test_a_worker_that_cannot_start_is_an_error(monkeypatch):
     monkeypatch.setitem(sys.modules, module.__name__, module)  # picklable here, not importable there
     with pytest.raises(RuntimeError, match="reward worker for reward_only_in_this_process.reward exited while starting"):
         score_samples(module.reward, ["a"], ["a"], timeout_s=5.0)
+
+
+# ---- reward plugins: a file or a module, called with the row's fields, several workers ----------
+
+PLUGIN = """
+import time
+
+def graded(response, answer, fields):
+    if response == "boom":
+        raise ValueError("cannot parse " + response)
+    if response == "slow":
+        time.sleep(float(fields.get("delay", 60)))
+    right = response == answer
+    return {"score": float(right), "format_ok": float(response.isdigit()), "level": fields.get("level", 0)}
+
+def two_args(response, answer):
+    return 0.5
+
+def no_args():
+    return 1.0
+
+not_a_function = 3
+"""
+
+
+@pytest.fixture
+def plugin(tmp_path):
+    path = tmp_path / "my_reward.py"
+    path.write_text(PLUGIN)
+    return path
+
+
+def test_a_plugin_file_gets_the_rows_fields_and_its_extras_are_averaged(plugin):
+    responses, answers = ["4", "x", "boom", "7"], ["4", "4", "4", "4"]
+    fields = [{"level": 1}, {"level": 3}, {}, {"level": 2}]
+    result = score_samples(f"{plugin}:graded", responses, answers, timeout_s=10.0, fields=fields)
+    assert result.scores == [1.0, 0.0, 0.0, 0.0] and result.errors == 1
+    assert "ValueError: cannot parse boom" in result.first_error and "in graded" in result.first_error
+    assert result.extras == {"format_ok": [1.0, 0.0, 1.0], "level": [1.0, 3.0, 2.0]}
+    assert result.extra_means() == {"reward_format_ok_mean": pytest.approx(2 / 3), "reward_level_mean": 2.0}
+    assert score_samples(f"{plugin}:two_args", ["a"], ["b"], timeout_s=10.0).scores == [0.5]
+
+
+def test_a_plugin_module_by_import_path():
+    assert get_reward("megatron_sapo.data.rewards:exact_match_reward") is rewards.exact_match_reward
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("{dir}/absent.py:graded", "no such file {dir}/absent.py"),
+    ("{plugin}:missing", "{plugin} has no function 'missing'"),
+    ("{plugin}:not_a_function", "not_a_function is a int, not a function"),
+    ("{plugin}:no_args", r"no_args\(\) cannot be called as \(response, answer, fields\)"),
+    ("no_such_module_here:f", "cannot import module 'no_such_module_here'"),
+    ("nope", "unknown reward 'nope'"),
+])
+def test_bad_plugins_are_refused_naming_the_file_and_function(plugin, spec, message):
+    spec, message = (x.format(dir=plugin.parent, plugin=plugin) for x in (spec, message))
+    with pytest.raises(InputError, match=message):
+        RewardScorer(spec, timeout_s=1.0)
+
+
+def test_workers_score_at_once_and_a_timeout_costs_only_its_call(plugin):
+    """4 calls that sleep 1 s each: one worker takes 4 s, four take about 1 s. A call past its
+    timeout (2 s) scores 0, is counted, and its worker is replaced."""
+    fields = [{"delay": 1.0}] * 4
+    with RewardScorer(f"{plugin}:graded", timeout_s=2.0, workers=4) as pool, \
+            RewardScorer(f"{plugin}:graded", timeout_s=2.0, workers=1) as one:
+        for scorer in (pool, one):  # start the workers before timing
+            scorer.score(["1"] * scorer.workers, ["1"] * scorer.workers)
+        start = time.monotonic()
+        assert pool.score(["slow"] * 4, ["slow"] * 4, fields).scores == [1.0] * 4
+        parallel = time.monotonic() - start
+        start = time.monotonic()
+        assert one.score(["slow"] * 4, ["slow"] * 4, fields).scores == [1.0] * 4
+        serial = time.monotonic() - start
+        mixed = pool.score(["slow", "2", "slow", "3"], ["x", "2", "slow", "3"],
+                           [{"delay": 30}, {}, {"delay": 0.2}, {}])
+    print(f"\n4 calls of 1 s: {serial:.2f} s with one worker, {parallel:.2f} s with four")
+    assert serial > 3.9 and parallel < serial / 2
+    assert mixed.scores == [0.0, 1.0, 1.0, 1.0] and mixed.timeouts == 1 and mixed.errors == 0
+    assert mixed.first_error.startswith("timeout")
+
+
+def test_registered_rewards_reach_the_workers_by_name():
+    with RewardScorer("exact_match", timeout_s=5.0, workers=2) as scorer:
+        assert scorer.score(["a", "b", "c"], ["a", "x", "c"]).scores == [1.0, 0.0, 1.0]
+
+
+def test_a_config_naming_a_missing_plugin_fails_when_it_loads(tmp_path, plugin):
+    from megatron_sapo.config import ConfigError
+    from megatron_sapo.config_file import load_config
+
+    config = tmp_path / "run.toml"
+    base = '[model]\nbuiltin = "tiny-qwen3-moe"\n[data]\ntask = "tiny-reverse"\n'
+    config.write_text(base + f'reward = "{tmp_path}/absent.py:graded"\n')
+    with pytest.raises(ConfigError, match=f"data.reward: reward '{tmp_path}/absent.py:graded': no such file"):
+        load_config(config)
+    config.write_text(base + f'reward = "{plugin}:graded"\nreward_workers = 4\n')
+    assert load_config(config).data.reward_workers == 4
