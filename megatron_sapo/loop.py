@@ -312,11 +312,16 @@ def receive_rows(run: Run, groups: list[Group] | None) -> tuple[TrainBatch, list
                               with_routes=run.cfg.train.routes_from_rollout,
                               num_experts=run.policy.spec.config.num_moe_experts, vision=mine.vision,
                               layout=image_layout(run.policy.spec))
-    # Samples that only fill the batch, and cut responses under loss.mask_truncated, leave the
-    # loss and its normaliser.
-    out = [not s.in_loss or (run.cfg.loss.mask_truncated and s.finish_reason == "length") for s in mine.samples]
-    batch.loss_mask[torch.tensor(out, dtype=torch.bool)] = 0.0
+    batch.loss_mask[out_of_loss(mine.samples, run.cfg.loss.mask_truncated)] = 0.0
     return batch.to(run.device), mine.minibatch_rows
+
+
+def out_of_loss(samples: list, mask_truncated: bool) -> torch.Tensor:
+    """bool ``[rows]``: samples that leave the loss and its normaliser: those that only fill the
+    batch (dynamic sampling ran out of rounds) and, under ``loss.mask_truncated``, responses cut
+    at ``rollout.max_new_tokens``."""
+    return torch.tensor([not s.in_loss or (mask_truncated and s.finish_reason == "length") for s in samples],
+                        dtype=torch.bool)
 
 
 def old_logprobs(run: Run, batch: TrainBatch) -> torch.Tensor:

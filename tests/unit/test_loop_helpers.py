@@ -54,3 +54,15 @@ def test_the_soft_overlong_penalty_grows_linearly_over_its_buffer():
     assert overlong_penalty(16, RolloutConfig(max_new_tokens=16)) == 0.0
     with pytest.raises(ConfigError, match="rollout.overlong_buffer = 16 must be below rollout.max_new_tokens = 16"):
         RolloutConfig(max_new_tokens=16, overlong_buffer=16)
+
+
+def test_fillers_and_under_mask_truncated_cut_responses_leave_the_loss():
+    from megatron_sapo.loop import out_of_loss
+    from megatron_sapo.types import Sample
+
+    def sample(finish, in_loss=True):
+        return Sample(prompt_ids=[1], response_ids=[2], rollout_logprobs=[-1.0], finish_reason=finish, in_loss=in_loss)
+
+    samples = [sample("stop"), sample("length"), sample("stop", in_loss=False), sample("length", in_loss=False)]
+    assert out_of_loss(samples, mask_truncated=False).tolist() == [False, False, True, True]
+    assert out_of_loss(samples, mask_truncated=True).tolist() == [False, True, True, True]
