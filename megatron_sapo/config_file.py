@@ -176,8 +176,8 @@ def _apply_override(raw: dict, item: str) -> None:
         value = tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
         value = text
-    value = _coerce(f"{source}: {section}.{key}", value, get_type_hints(_section_types()[section])[key])
-    table = raw.setdefault(section, {})
+    _coerce(f"{source}: {section}.{key}", value, get_type_hints(_section_types()[section])[key])  # checked here,
+    table = raw.setdefault(section, {})  # built with the rest of the file (tables in a list stay tables)
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: {section} is not a table in the config file")
     table[key] = value

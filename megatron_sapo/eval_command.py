@@ -72,9 +72,12 @@ def served_model(checkpoint: Path, out: Path, cfg) -> Path:
         return checkpoint
     from megatron_sapo.convert import mcore_checkpoint, streaming
     from megatron_sapo.convert.commands import hf_dtype
+    from megatron_sapo.models import use_transformer_engine
     from megatron_sapo.training.checkpoint import find_latest
 
     step = find_latest(checkpoint) if (checkpoint / "latest").is_file() else checkpoint
+    if step is None:
+        raise FileNotFoundError(f"{checkpoint}/latest names no complete checkpoint")
     mcore = step / "model" if (step / "model" / mcore_checkpoint.HF_CONFIG_FILE).is_file() else step
     if not (mcore / mcore_checkpoint.HF_CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{checkpoint}: neither an HF folder (config.json) nor a megatron-sapo checkpoint "
@@ -87,7 +90,8 @@ def served_model(checkpoint: Path, out: Path, cfg) -> Path:
     target = out / "hf"
     hf_config = mcore_checkpoint.read_hf_config(mcore)
     print(f"converting {mcore} to {target} ...", file=sys.stderr, flush=True)
-    streaming.mcore_to_hf(mcore, target, hf_config, hf_dtype(hf_config), max_shard_bytes=5 * 2**30, force=True)
+    streaming.mcore_to_hf(mcore, target, hf_config, hf_dtype(hf_config), max_shard_bytes=5 * 2**30, force=True,
+                          use_te=use_transformer_engine(cfg.model.transformer_impl))
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file():
             shutil.copy2(tokenizer_dir / name, target / name)

@@ -4,11 +4,13 @@ reported as avg@k and pass@k (``algo/evaluation.py``). Training evaluates them e
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
 from megatron_sapo.algo.evaluation import sample_set_metrics
 from megatron_sapo.config import EvalSet, RunConfig
+from megatron_sapo.errors import InputError
 from megatron_sapo.rollout.client import SamplingParams
 from megatron_sapo.rollout.pipeline import sample_seed
 from megatron_sapo.types import Group, Prompt
@@ -35,8 +37,15 @@ def load_sets(cfg: RunConfig, tokenizer, processor) -> list[LoadedSet]:
     for spec in cfg.eval.sets:
         records = read_prompt_file(spec.path, spec.prompt_key or cfg.data.prompt_key,
                                    spec.answer_key or cfg.data.answer_key, cfg.data.image_key)
-        prompts = encode_records(records, tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_tokens,
-                                 processor).prompts
+        encoded = encode_records(records, tokenizer, cfg.data.system_prompt, cfg.data.max_prompt_tokens, processor)
+        prompts = encoded.prompts
+        if not prompts:
+            raise InputError(f"eval set {spec.name!r}: no problem of {spec.path} fits data.max_prompt_tokens = "
+                             f"{cfg.data.max_prompt_tokens}")
+        if encoded.too_long:
+            print(f"eval set {spec.name!r}: {len(encoded.too_long)} of {len(records)} problems are longer than "
+                  f"data.max_prompt_tokens and left out (the first: {encoded.too_long[0]})", file=sys.stderr,
+                  flush=True)
         if spec.max_problems:
             prompts = prompts[:spec.max_problems]
         loaded.append(LoadedSet(spec=spec, prompts=prompts,

@@ -137,7 +137,9 @@ def rl_step(run: Run) -> dict[str, float]:
         run.rollout.client.resume_memory(("kv_cache",))
     metrics = {**sampled_metrics, **mean_metrics([m.as_dict() for m in update_metrics]), **behaviour_metrics,
                "train_token_util": sum(m.real_tokens for m in update_metrics)
-               / sum(m.processed_tokens for m in update_metrics), **replica_load(batch, run.pg)}
+               / max(sum(m.processed_tokens for m in update_metrics), 1.0),
+               "updates_skipped": float(sum(m.microbatches == 0 for m in update_metrics)),
+               **replica_load(batch, run.pg)}
     clipped = [metrics[k] for k in ("clip_frac_low", "clip_frac_high", "clip_frac_dual") if k in metrics]
     if clipped:
         metrics["clip_frac"] = sum(clipped)

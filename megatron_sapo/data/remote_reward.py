@@ -16,6 +16,7 @@ the URL and every failure, and the run keeps its last checkpoint.
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
@@ -25,6 +26,20 @@ import requests
 from megatron_sapo.data.rewards import RewardScores, check_reward_value
 
 BATCH_SIZE = 64
+
+
+def _json_safe(value):
+    """A row's fields as JSON can carry them: NaN and infinities become null, other types
+    (bytes, dates) their text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return str(value)
 
 
 class RewardServiceError(RuntimeError):
@@ -46,7 +61,7 @@ class RemoteRewardScorer:
               fields: Sequence[dict] | None = None) -> RewardScores:
         if len(responses) != len(answers) or (fields is not None and len(fields) != len(responses)):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
-        items = [{"response": r, "answer": a, "fields": {} if fields is None else fields[i]}
+        items = [{"response": r, "answer": a, "fields": {} if fields is None else _json_safe(fields[i])}
                  for i, (r, a) in enumerate(zip(responses, answers))]
         batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         result = RewardScores(scores=[])

@@ -33,6 +33,14 @@ from megatron_sapo.types import Group, Prompt, Sample
 FINISH_REASONS = ("stop", "length", "abort")
 
 
+def version_step(version: str | None) -> int:
+    """The RL step of a weight version the servers report ("step-N"; anything else: 0, the start
+    weights, which a restarted server serves too)."""
+    if version and version.startswith("step-") and version[5:].isdigit():
+        return int(version[5:])
+    return 0
+
+
 class RolloutError(RuntimeError):
     """Generation failed after all retries, or a server's answer cannot be used."""
 
@@ -90,6 +98,7 @@ class RolloutClient:
         self.sync_interrupted = 0
         """Requests a pause for a weight sync stopped (sampled again or continued)."""
         self._pauses = 0
+        self._pausing = False
         self._in_flight = dict.fromkeys(self.urls, 0)
 
     # ---- generation ---------------------------------------------------------------------------
@@ -129,6 +138,7 @@ class RolloutClient:
         (sampled again, or continued from its prefix with ``partial = "continue"``)."""
         sampled = _Prefix()
         failures: list[str] = []
+        failed: set[str] = set()  # servers that failed this request: retried elsewhere while any other is up
         request_rid = rid
         while True:
             remaining = sampling.max_new_tokens - len(sampled.response_ids)
@@ -141,21 +151,22 @@ class RolloutClient:
             if self.routed_experts is not None:
                 body["return_routed_experts"] = True
             pauses = self._pauses
-            url = min(self.urls, key=lambda u: self._in_flight[u])
+            url = min([u for u in self.urls if u not in failed] or self.urls, key=lambda u: self._in_flight[u])
             self._in_flight[url] += 1
             try:
                 async with session.post(f"{url}/generate", json=body) as response:
                     if response.status != 200:
                         raise _BadOutput(f"HTTP {response.status}: {(await response.text())[:200]}")
                     piece = self._parse(await response.json(), prompt_ids + sampled.response_ids)
-                if piece.finish_reason == "abort" and self._pauses == pauses:
+                if piece.finish_reason == "abort" and not self._paused_since(pauses):
                     raise _BadOutput("generation was aborted")
             except (aiohttp.ClientError, asyncio.TimeoutError, _BadOutput) as err:
-                if self._pauses != pauses:  # our pause stopped it before it ran (SGLang answers an error)
+                if self._paused_since(pauses):  # our pause stopped it before it ran (SGLang answers an error)
                     self.sync_interrupted += 1
                     request_rid = f"{rid}-sync{self._pauses}"
                     continue
                 failures.append(f"{url}: {type(err).__name__}: {err}")
+                failed.add(url)
                 await self._report_failure(url)
                 if len(failures) > self.max_retries:
                     raise RolloutError(f"request {rid} failed {len(failures)} times: " + "; ".join(failures))
@@ -187,11 +198,20 @@ class RolloutClient:
                              f"{runs} run(s) of the image token {self.image_token_id}")
         return {"input_ids": input_ids, "image_data": [image_data_uri(image) for image in prompt.images]}
 
+    def _paused_since(self, pauses: int) -> bool:
+        """Whether a pause for a weight sync began after a request was sent (``pauses``: the count
+        then) or is still being posted to the servers (one after another)."""
+        return self._pauses != pauses or self._pausing
+
     async def _report_failure(self, url: str) -> None:
-        if self.on_failure is not None:
-            result = self.on_failure(url)
-            if asyncio.iscoroutine(result):
-                await result
+        """The caller's hook (the server manager's restart), off the event loop: a restart takes
+        seconds to minutes, and other requests and steps keep going meanwhile."""
+        if self.on_failure is None:
+            return
+        if asyncio.iscoroutinefunction(self.on_failure):
+            await self.on_failure(url)
+        else:
+            await asyncio.to_thread(self.on_failure, url)
 
     def _parse(self, out: dict, prompt_ids: list[int]) -> Sample:
         try:
@@ -232,12 +252,14 @@ class RolloutClient:
 
     def continue_generation(self) -> None:
         self._post_all("/continue_generation", {})
+        self._pausing = False
 
     def pause_for_sync(self) -> None:
         """Pause every server for a weight sync, aborting the requests in flight: they return
         what they sampled so far and are sent again (see ``partial``), to run once the servers
         continue. Call :meth:`continue_generation` after the sync."""
         self._pauses += 1  # before the pause: an abort it causes must be recognised as ours
+        self._pausing = True  # until continue_generation: servers are paused one after another
         self.pause_generation("abort")
 
     def flush_cache(self) -> None:
@@ -302,8 +324,9 @@ class _Prefix:
     def finished(self, prompt_ids: list[int], finish_reason: str, routes=None) -> Sample:
         """The whole response; its ``weight_version`` is the oldest version that sampled a token."""
         versions = self.versions or [(0, None)]
+        oldest = min((v for _, v in versions), key=version_step)  # a restarted server's may come later
         return Sample(prompt_ids=list(prompt_ids), response_ids=self.response_ids, rollout_logprobs=self.logprobs,
-                      finish_reason=finish_reason, weight_version=versions[0][1], routed_experts=routes,
+                      finish_reason=finish_reason, weight_version=oldest, routed_experts=routes,
                       token_versions=versions if len({v for _, v in versions}) > 1 else None)
 
 

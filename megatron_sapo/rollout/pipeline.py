@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_sapo.config import RolloutConfig
-from megatron_sapo.rollout.client import RolloutClient, SamplingParams
+from megatron_sapo.rollout.client import RolloutClient, SamplingParams, version_step
 from megatron_sapo.types import Group, Prompt, Sample
 
 STATE_FILE = "rollout_pipeline.pt"
@@ -62,14 +63,6 @@ def sample_seed(base: int | None, step: int, prompt_index: int, sample_index: in
         return None
     digest = hashlib.blake2b(f"{base}/{step}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2
-
-
-def version_step(version: str | None) -> int:
-    """The RL step of a weight version the servers report ("step-N"; anything else: 0, the start
-    weights)."""
-    if version and version.startswith("step-") and version[5:].isdigit():
-        return int(version[5:])
-    return 0
 
 
 def staleness(sample: Sample, step: int) -> int:
@@ -219,7 +212,14 @@ class RolloutPipeline:
                 self._submit(pending)
 
     def close(self) -> None:
-        """Cancel the generation in flight (its requests are dropped) and stop the thread."""
+        """Cancel the generation in flight (its requests are dropped) and stop the thread; servers
+        paused for a sync that never came (a failure in between) are let go."""
+        if self._paused:
+            try:
+                self.client.continue_generation()
+            except Exception as err:  # the run is ending: say so, do not hide why it ends
+                print(f"could not continue the paused servers: {err}", file=sys.stderr, flush=True)
+            self._paused = False
         async def cancel_all() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in tasks:

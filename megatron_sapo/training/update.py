@@ -129,10 +129,15 @@ def _update(model, optimizer, scheduler, batch: TrainBatch, pg_collection, loss_
     """
     if not hasattr(model, "zero_grad_buffer"):
         raise TypeError("the model must be the DistributedDataParallel wrapper returned by build_optimizer")
+    global_normalizer = _global_normalizer(normalizer, pg_collection)
+    if global_normalizer.item() == 0:
+        # Every row left the loss on every replica (dynamic sampling's fillers, masking): nothing
+        # to learn, so no update; every rank sees the same all-reduced count and skips together.
+        return StepMetrics(loss=0.0, grad_norm=0.0, lr=current_lr(optimizer), tokens=0.0, microbatches=0.0,
+                           real_tokens=0.0, processed_tokens=0.0)
     multiple = sequence_multiple(model)
     lengths = batch.row_lengths
     plan = plan_microbatches(lengths, batching, multiple, pg_collection.dp_cp)
-    global_normalizer = _global_normalizer(normalizer, pg_collection)
     # Cancels the schedule's division by the number of microbatches and DDP's mean over replicas.
     loss_scale = len(plan) * dist.get_world_size(pg_collection.dp_cp)
 
@@ -190,9 +195,6 @@ def _check_policy_inputs(batch: TrainBatch, loss_cfg: LossConfig) -> None:
 def _global_normalizer(local: torch.Tensor, pg_collection) -> torch.Tensor:
     total = local.detach().to(comm_device(pg_collection.dp_cp), torch.float32).clone()
     dist.all_reduce(total, group=pg_collection.dp_cp)
-    if total <= 0:
-        raise ValueError("the minibatch has no loss tokens on any data-parallel rank "
-                         "(TrainBatch.loss_mask is all 0)")
     return total
 
 

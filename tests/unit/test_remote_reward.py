@@ -101,3 +101,26 @@ def test_a_service_answering_the_wrong_number_of_scores_is_a_failure(service):
             scorer.score(["a", "b"], ["a", "b"])
     finally:
         RewardService.do_POST = original
+
+
+def test_fields_that_json_cannot_carry_travel_as_null_or_text(service):
+    seen = []
+    original = RewardService.do_POST
+
+    def record(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        seen.append(json.loads(body)["items"][0]["fields"])
+        reply = b'{"scores": [1.0]}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    RewardService.do_POST = record
+    try:
+        scorer = RemoteRewardScorer(service, timeout_s=10, retries=0)
+        fields = {"difficulty": float("nan"), "raw": b"\x00\x01", "tags": ("a", float("inf")), 3: {"ok": 1}}
+        assert scorer.score(["a"], ["a"], [fields]).scores == [1.0]
+    finally:
+        RewardService.do_POST = original
+    assert seen == [{"difficulty": None, "raw": "b'\\x00\\x01'", "tags": ["a", None], "3": {"ok": 1}}]

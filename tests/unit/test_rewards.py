@@ -246,3 +246,12 @@ def test_a_config_naming_a_missing_plugin_fails_when_it_loads(tmp_path, plugin):
         load_config(config)
     config.write_text(base + f'reward = "{plugin}:graded"\nreward_workers = 4\n')
     assert load_config(config).data.reward_workers == 4
+
+
+def test_eval_sets_can_be_given_with_set(tmp_path):
+    from megatron_sapo.config_file import load_config
+
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\nbuiltin = "tiny-qwen3-moe"\n[data]\ntask = "tiny-reverse"\n')
+    cfg = load_config(config, ['eval.sets=[{name = "held_out", path = "x.jsonl", samples = 2}]'])
+    assert [(s.name, s.path, s.samples, s.reward) for s in cfg.eval.sets] == [("held_out", "x.jsonl", 2, "math")]

@@ -305,6 +305,9 @@ def test_pieces_sampled_across_syncs_keep_their_tokens_versions_and_log_probs():
     assert alone.weight_version == "step-5" and alone.token_versions is None
     assert _Prefix().then(empty).then(last).finished(PROMPT, "stop").weight_version == "step-5"
     assert _Prefix().then(empty).finished(PROMPT, "length").weight_version == "step-4"
+    restarted = Sample(prompt_ids=PROMPT, response_ids=[14], rollout_logprobs=[-1.5], finish_reason="stop",
+                       weight_version="default")  # a server restarted with its start weights continued it
+    assert _Prefix().then(first).then(restarted).finished(PROMPT, "stop").weight_version == "default"
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, None])
