@@ -74,8 +74,6 @@ CASES = [
          dict(model=FP32, train=PACKED, parallel=dict(tp=2, recompute="selective"))),
     Case("30b-widths-1-layer-ep2-budget", WIDE,
          dict(model=BF16, train=dict(max_tokens_per_microbatch=2 * ROW), parallel=dict(ep=2))),
-    Case("30b-widths-2-layers-tp2-ep2-packed-full", {**WIDE, "num_hidden_layers": 2},
-         dict(model=BF16, train=PACKED, parallel=dict(tp=2, ep=2, recompute="full"))),
 ]
 
 
