@@ -109,4 +109,6 @@ def test_sync_changes_served_weights(manager, tiny_models, restore_a, tmp_path, 
     diff = (torch.tensor(_served_logprobs(url)) - torch.tensor(megatron[0])).abs()
     print(f"{path} at {layout}: {stats['bytes'] / 2**20:.2f} MiB in {stats['buckets']} buckets, "
           f"{stats['seconds']:.2f} s; train/rollout log-prob mismatch mean {diff.mean():.2e} max {diff.max():.2e}")
-    assert diff.max() < 2e-2
+    # fp32 on both sides: measured max 4.8e-7 (tensor, distributed) and 0 (disk); a wrong tensor
+    # moves log-probs by 1e-1 and more (the two tiny models differ by up to 1.7).
+    assert diff.max() < 1e-5
