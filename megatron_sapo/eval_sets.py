@@ -5,6 +5,7 @@ reported as avg@k and pass@k (``algo/evaluation.py``). Training evaluates them e
 from __future__ import annotations
 
 import sys
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,7 +60,7 @@ def evaluate_set(loaded: LoadedSet, generate: Generate, tokenizer, cfg: RunConfi
     problem), score them, and report avg@k and pass@k under the set's name."""
     spec = loaded.spec
     k = spec.samples
-    salt = sum(map(ord, spec.name))  # different sets, different seeds
+    salt = zlib.crc32(spec.name.encode())  # different sets, different seeds
     seeds = [[sample_seed(cfg.rollout.sampling_seed, -1 - step, p.index, salt * k + j) for j in range(k)]
              for p in loaded.prompts]
     sampling = SamplingParams(temperature=spec.temperature,

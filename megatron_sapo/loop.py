@@ -201,20 +201,25 @@ def score_groups(run: Run, step: int, groups: list[Group]) -> tuple[list[Group],
     if cfg.filter_groups == "none":
         return groups, rollout_metrics(run, groups, scores)
     sampled, rounds = list(groups), 1
-    useful = [g for g in groups if len(set(g.rewards)) > 1]
+    useful = [g for g in groups if has_spread(g)]
     while len(useful) < cfg.prompts_per_step and rounds < cfg.max_sampling_rounds:
         rounds += 1
         more = run.rollout.pipeline.more_groups(step, rounds)
         scores.append(score(run, more))
         sampled += more
-        useful += [g for g in more if len(set(g.rewards)) > 1]
+        useful += [g for g in more if has_spread(g)]
     kept = useful[:cfg.prompts_per_step]
-    fill = [g for g in sampled if len(set(g.rewards)) == 1][:cfg.prompts_per_step - len(kept)]
+    fill = [g for g in sampled if not has_spread(g)][:cfg.prompts_per_step - len(kept)]
     for sample in (s for g in fill for s in g.samples):
         sample.in_loss = False
     metrics = rollout_metrics(run, sampled, scores)
     metrics.update(groups_filtered_frac=1 - len(useful) / len(sampled), sampling_rounds=float(rounds))
     return kept + fill, metrics
+
+
+def has_spread(group: Group) -> bool:
+    """Whether the group's rewards differ (else every advantage is 0: nothing to learn)."""
+    return len(set(group.rewards)) > 1
 
 
 def score(run: Run, groups: list[Group]):

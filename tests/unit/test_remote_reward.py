@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -82,45 +83,38 @@ def test_a_service_that_stays_down_stops_the_step_naming_it():
         scorer.score(["a"], ["a"])
 
 
-def test_a_service_answering_the_wrong_number_of_scores_is_a_failure(service):
-    RewardService.fail_first = 0
-    scorer = RemoteRewardScorer(service + "?", timeout_s=10, retries=0)
+@contextmanager
+def one_score_replies(seen: list):
+    """The service answers every request with one score (1.0), whatever it was sent; ``seen``
+    gets the items of each request."""
     original = RewardService.do_POST
 
-    def short(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
+    def reply(self):
+        seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"])))["items"])
         body = b'{"scores": [1.0]}'
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    RewardService.do_POST = short
+    RewardService.do_POST = reply
     try:
-        with pytest.raises(RewardServiceError, match=r"expected \{\"scores\": \[2 entries\]\}"):
-            scorer.score(["a", "b"], ["a", "b"])
+        yield
     finally:
         RewardService.do_POST = original
+
+
+def test_a_service_answering_the_wrong_number_of_scores_is_a_failure(service):
+    scorer = RemoteRewardScorer(service, timeout_s=10, retries=0)
+    with one_score_replies([]), pytest.raises(RewardServiceError, match=r"expected \{\"scores\": \[2 entries\]\}"):
+        scorer.score(["a", "b"], ["a", "b"])
 
 
 def test_fields_that_json_cannot_carry_travel_as_null_or_text(service):
     seen = []
-    original = RewardService.do_POST
-
-    def record(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        seen.append(json.loads(body)["items"][0]["fields"])
-        reply = b'{"scores": [1.0]}'
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
-
-    RewardService.do_POST = record
-    try:
-        scorer = RemoteRewardScorer(service, timeout_s=10, retries=0)
-        fields = {"difficulty": float("nan"), "raw": b"\x00\x01", "tags": ("a", float("inf")), 3: {"ok": 1}}
+    scorer = RemoteRewardScorer(service, timeout_s=10, retries=0)
+    fields = {"difficulty": float("nan"), "raw": b"\x00\x01", "tags": ("a", float("inf")), 3: {"ok": 1}}
+    with one_score_replies(seen):
         assert scorer.score(["a"], ["a"], [fields]).scores == [1.0]
-    finally:
-        RewardService.do_POST = original
-    assert seen == [{"difficulty": None, "raw": "b'\\x00\\x01'", "tags": ["a", None], "3": {"ok": 1}}]
+    assert [items[0]["fields"] for items in seen] == [
+        {"difficulty": None, "raw": "b'\\x00\\x01'", "tags": ["a", None], "3": {"ok": 1}}]
