@@ -62,7 +62,7 @@ def test_batches_are_scored_with_their_extras_and_fields(service):
     answers = ["a", "x", "junk", "d", "x", "ff", None]
     result = scorer.score(responses, answers, [{"level": i} for i in range(7)])
     scorer.close()
-    assert RewardService.requests == [3, 3, 1]
+    assert sorted(RewardService.requests) == [1, 3, 3]  # two workers: arrival order varies
     assert result.scores == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0]
     assert result.errors == 1 and "not a finite number" in result.first_error and service in result.first_error
     assert result.extras["length"] == [1.0, 2.0, 1.0, 1.0, 2.0, 1.0]
