@@ -385,7 +385,8 @@ class RolloutConfig:
     server_args: list[str] = dataclasses.field(default_factory=list)
     """Extra command-line arguments for colocated SGLang servers (e.g. ["--mem-fraction-static", "0.5"])."""
     startup_timeout_s: float = 600.0
-    """Seconds to wait for a server to become healthy."""
+    """Seconds to wait for a server to become healthy: at start, and for a disaggregated server
+    that stopped answering to come back (its node's supervisor restarts it)."""
     request_timeout_s: float = 600.0
     """Seconds before one generate or weight-update request is abandoned."""
     max_retries: int = 3

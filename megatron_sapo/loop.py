@@ -42,6 +42,7 @@ from megatron_sapo.data.rewards import RewardScores
 from megatron_sapo.eval_sets import LoadedSet, evaluate_set, load_sets
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
 from megatron_sapo.rollout.client import RolloutClient, RoutedExperts, SamplingParams
+from megatron_sapo.rollout.manager import RemoteServers, ServerManager
 from megatron_sapo.rollout.pipeline import STATE_FILE, RolloutPipeline, sample_seed, staleness, version_step
 from megatron_sapo.rollout.weight_sync import ServerEndpoint, WeightSync
 from megatron_sapo.parallel.collectives import comm_device
@@ -66,7 +67,8 @@ class Rollout:
     val_prompts: list[Prompt]
     sampler: object
     scorer: object
-    manager: object | None
+    manager: ServerManager | RemoteServers
+    """The colocated servers this run started, or the disaggregated ones it waits for."""
     log: object
     tokenizer: object
     eval_sets: list[LoadedSet]
@@ -181,9 +183,9 @@ def sync_weights(run: Run, version: int) -> None:
     a dead colocated server, and lets generation in flight finish or pauses it first,
     ``rollout.partial``)."""
     if run.rollout:
-        if run.rollout.manager:  # a colocated server that died meanwhile is restarted, to be synced too
-            for url in run.rollout.client.urls:
-                run.rollout.manager.ensure_alive(url)
+        # A colocated server that died meanwhile is restarted, a disaggregated one waited for, to be synced too.
+        for url in run.rollout.client.urls:
+            run.rollout.manager.ensure_alive(url)
         run.rollout.pipeline.before_sync()
     run.sync.sync(version=f"step-{version}")
     if run.rollout:
@@ -551,7 +553,6 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     from megatron_sapo.data.rewards import RewardScorer
     from megatron_sapo.data.tasks import get_task
     from megatron_sapo.parallel.ports import free_port
-    from megatron_sapo.rollout.manager import ServerManager
     from megatron_sapo.rollout.server import ServerOptions
     from megatron_sapo.run_log import RunLog
     from megatron_sapo.training.setup import SERVED_DTYPES
@@ -579,7 +580,6 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     if state.data_cursor:
         sampler.load_state_dict(state.data_cursor)
 
-    manager = None
     memory_saver = ["--enable-memory-saver"] if cfg.rollout.release_memory_during_train else []
     if cfg.rollout.mode == "colocated":
         options = [ServerOptions(model=str(start_model), port=free_port(), tp=cfg.rollout.server_tp,
@@ -592,11 +592,12 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
         urls = manager.urls
     else:
         urls = [u if u.startswith("http") else f"http://{u}" for u in cfg.rollout.servers]
+        manager = RemoteServers(cfg.rollout.startup_timeout_s)
     routed = None
     if cfg.train.routes_from_rollout:
         routed = RoutedExperts(policy.spec.moe_layers, policy.spec.config.moe_router_topk)
     client = RolloutClient(urls, request_timeout_s=cfg.rollout.request_timeout_s, max_retries=cfg.rollout.max_retries,
-                           routed_experts=routed, on_failure=manager.ensure_alive if manager else None,
+                           routed_experts=routed, on_failure=manager.ensure_alive,
                            image_token_id=layout.image_token_id if layout else None, partial=cfg.rollout.partial)
     pipeline = RolloutPipeline(client, prompts, sampler, cfg.rollout, version=version_step(state.weight_version),
                                last_step=cfg.train.steps)
@@ -632,5 +633,4 @@ def stop(run: Run) -> None:
         for loaded in run.rollout.eval_sets:
             loaded.scorer.close()
         run.rollout.log.close()
-        if run.rollout.manager:
-            run.rollout.manager.stop()
+        run.rollout.manager.stop()

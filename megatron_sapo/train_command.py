@@ -37,6 +37,10 @@ def register(subparsers) -> None:
                         help="override a config value (repeatable), e.g. --set loss.tau_neg=1.0")
     parser.add_argument("--no-plan-check", action="store_true",
                         help="on GPU machines, start even when `megatron-sapo plan` says the run does not fit")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="write the HF checkpoint the run starts from (a built-in model, after its supervised "
+                             "cold start: OUTPUT/start_model) and print its path, then stop; rollout nodes serve it "
+                             "in disaggregated runs (examples/slurm/launch_rl.sh)")
     parser.set_defaults(func=run)
 
 
@@ -86,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
     console.quiet_known_warnings()
     started = time.monotonic()
     cfg, out_dir = resolve(args)
+    if args.prepare_only:
+        from megatron_sapo.training.setup import prepare_start_model
+
+        print(prepare_start_model(cfg, out_dir))
+        return 0
     if args.resume and not (out_dir / "checkpoints" / "latest").exists():
         raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
     if not args.no_plan_check:

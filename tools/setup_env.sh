@@ -39,6 +39,25 @@ install_mpi() {
 
 install_mpi
 
+# SLURM and munge for the test suite's rehearsal of the cluster job (tools/slurm_rehearsal.sh),
+# which also needs root for its namespaces and daemons: installed only when running as root with
+# apt; elsewhere that one test skips, saying why.
+install_slurm() {
+  command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+    && command -v munged >/dev/null && return 0
+  if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+    log "SLURM is not installed and this is not root with apt: the SLURM rehearsal test will skip"
+    return 0
+  fi
+  log "installing SLURM and munge (Debian packages) for the SLURM rehearsal test"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    slurmctld slurmd slurm-client munge iproute2 util-linux >/dev/null \
+    || log "warning: installing SLURM failed: the SLURM rehearsal test will skip"
+}
+
+install_slurm
+
 if [[ ! -x "$venv/bin/python" ]]; then
   command -v "$python" >/dev/null || { log "error: $python not found (Python 3.11 is required; set PYTHON=...)"; exit 1; }
   log "creating $venv with $python"

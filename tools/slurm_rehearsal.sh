@@ -1,43 +1,71 @@
 #!/usr/bin/env bash
-# Rehearse the SLURM launch on one machine, for real: install SLURM and munge from Debian's
-# packages, start a one-node cluster, submit the CPU demo through the same launcher as the
-# Qwen3-30B-A3B jobs (examples/slurm/tiny_cpu.sbatch -> launch_rl.sh), send it the SIGUSR1 of
-# a coming time limit once it has saved a checkpoint (the trainer stops after its step with a
-# checkpoint, the job requeues itself), and check that it finished, resumed from the stop's
-# checkpoint, and that metrics.jsonl holds every step once. Needs root (packages, munge, daemons); docs/slurm.md.
+# Rehearse the multi-node SLURM job on one machine, for real. The script builds a SLURM cluster
+# of NODES nodes, each a network and UTS namespace of its own (its own hostname and address,
+# joined to the others by a bridge on a private subnet), each running its own slurmd, with
+# slurmctld and munge serving them. It submits the CPU demo through the same launcher as the
+# Qwen3-30B-A3B jobs (examples/slurm/tiny_cpu_multinode.sbatch -> launch_rl.sh) in their shape:
+# the last ROLLOUT_NODES nodes serve rollouts (`megatron-sapo serve`), the others train
+# (data-parallel ranks found through srun's variables), and weights are broadcast from the
+# trainer to the server on the other node (rollout.weight_sync = "distributed"). Then:
+#   - the rollout node's server is killed in the middle of a step: serve_node.sh starts it
+#     again, the trainer waits for it, syncs it the current weights and samples again what it
+#     lost;
+#   - the job gets the SIGUSR1 of a coming time limit: the trainer stops after its step with a
+#     checkpoint, the job requeues itself, and the restart resumes from that checkpoint;
+#   - the same job runs again, uninterrupted, and every metric of every step of the
+#     interrupted run must equal the uninterrupted one's; metrics.jsonl holds every step once.
+# The last line printed is one JSON object: nodes, train_nodes, rollout_nodes, steps, requeued,
+# resumed_from, seconds. Needs root (packages, namespaces, munge, daemons); docs/slurm.md.
 #
-#   bash tools/slurm_rehearsal.sh              # about 5-10 minutes on 2 cores
-#   STEPS=6 REQUEUE_AFTER=3 KEEP_SLURM=1 bash tools/slurm_rehearsal.sh
+#   bash tools/slurm_rehearsal.sh                     # about 5 minutes on 2 cores
+#   NODES=4 ROLLOUT_NODES=2 STEPS=6 KEEP_SLURM=1 bash tools/slurm_rehearsal.sh
 #
 # Environment (defaults in brackets):
-#   REHEARSAL_DIR    config, daemon state and logs, the run [/tmp/megatron-sapo-slurm]; emptied first
-#   STEPS            RL steps of the job [6]
-#   REQUEUE_AFTER    signal the job once the checkpoint of this step exists (saved every this many) [2]
+#   REHEARSAL_DIR    config, daemon state and logs, the runs [/tmp/megatron-sapo-slurm]; emptied first
+#   NODES            nodes of the cluster and of the job [3]
+#   ROLLOUT_NODES    nodes of the job that serve rollouts [1]; the others train, one rank each
+#   STEPS            RL steps of the job [4]
+#   KILL_AFTER       kill the rollout server once the checkpoint of this step exists [1]; 0: never
+#   REQUEUE_AFTER    send SIGUSR1 once the checkpoint of this step exists [2]
 #   JOB_SETS         config overrides that shorten the demo [see below]
-#   SLURMCTLD_PORT, SLURMD_PORT   [6817, 6818]; change them beside a running SLURM
-#   KEEP_SLURM=1     leave the daemons running at the end (sinfo, squeue with SLURM_CONF=...)
-#   JOB_TIMEOUT      seconds the whole job may take [1800]
-# The cluster reads only REHEARSAL_DIR/etc/slurm.conf (through SLURM_CONF); /etc/slurm is left
-# alone. Daemons this script started are stopped at the end, munge too if it was not running.
+#   SUBNET           the first three octets of the cluster's /24 [10.231.0]; must be unused here
+#   SLURMCTLD_PORT, SLURMD_PORT   [6817, 6818]
+#   KEEP_SLURM=1     leave the cluster running at the end (SLURM_CONF=REHEARSAL_DIR/etc/slurm.conf sinfo)
+#   JOB_TIMEOUT      seconds each job may take [900]
+# Nothing outside the script's own namespaces, bridge and REHEARSAL_DIR is changed: /etc/hosts
+# and /etc/slurm are left alone (each daemon sees the cluster's hosts file through a mount
+# namespace), and the bridge, its links and the namespaces are removed at the end. Daemons this
+# script started are stopped at the end, munge too if it was not running.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=$(realpath -m "${REHEARSAL_DIR:-/tmp/megatron-sapo-slurm}")
-STEPS=${STEPS:-6}
+NODES=${NODES:-3}
+ROLLOUT_NODES=${ROLLOUT_NODES:-1}
+STEPS=${STEPS:-4}
+KILL_AFTER=${KILL_AFTER:-1}
 REQUEUE_AFTER=${REQUEUE_AFTER:-2}
-# Fewer cold-start steps and prompts, no evaluation or histograms: the rehearsal checks the
-# launch, not the learning.
-JOB_SETS=${JOB_SETS:-"train.sft_steps=60 rollout.prompts_per_step=8 train.micro_batch_size=16 eval.every=0 \
-logging.histogram_every=0 checkpoint.keep_last=2"}
+# Few prompts, short answers, no evaluation or histograms: the rehearsal checks the launch and
+# the recoveries, not the learning. The cold start stays the demo's, so that rewards vary and
+# every step really changes the weights (what the comparison with the straight run needs).
+JOB_SETS=${JOB_SETS:-"rollout.prompts_per_step=4 rollout.group_size=4 rollout.max_new_tokens=4 \
+train.micro_batch_size=16 train.minibatches=2 eval.every=0 logging.histogram_every=0 logging.tensorboard=false \
+checkpoint.keep_last=2"}
+SUBNET=${SUBNET:-10.231.0}
 CTLD_PORT=${SLURMCTLD_PORT:-6817}
 SLURMD_PORT=${SLURMD_PORT:-6818}
 KEEP_SLURM=${KEEP_SLURM:-0}
-JOB_TIMEOUT=${JOB_TIMEOUT:-1800}
+JOB_TIMEOUT=${JOB_TIMEOUT:-900}
 export SLURM_CONF=$WORK/etc/slurm.conf
 STATE=$WORK/state
-RUN_DIR=$WORK/runs/rehearsal
+HOSTS_FILE=$WORK/etc/hosts
+PREFIX=msapo  # of every name the script creates: namespaces, links, hosts
+BRIDGE=$PREFIX-br
+CTLD_HOST=$PREFIX-ctl
+CTLD_ADDR=$SUBNET.1
 
 started_munge=0
+started=$SECONDS
 job_id=
 
 say() { echo "[rehearsal $(date +%T)] $*"; }
@@ -46,11 +74,14 @@ fail() {
   exit 1
 }
 
+node_name() { echo "$PREFIX-n$1"; }
+node_addr() { echo "$SUBNET.$((10 + $1))"; }
+
 # ---- 1. packages -----------------------------------------------------------------------------
 
 install_packages() {
   local tool missing=0
-  for tool in slurmctld slurmd sbatch munged; do
+  for tool in slurmctld slurmd sbatch munged ip nsenter unshare; do
     command -v "$tool" > /dev/null || missing=1
   done
   if (( ! missing )); then
@@ -60,37 +91,86 @@ install_packages() {
   say "installing slurmctld, slurmd, slurm-client and munge from Debian's packages"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    slurmctld slurmd slurm-client munge > "$WORK/apt.log" 2>&1 \
+    slurmctld slurmd slurm-client munge iproute2 util-linux > "$WORK/apt.log" 2>&1 \
     || { tail -20 "$WORK/apt.log"; fail "apt-get install"; }
   say "installed"
 }
 
-# ---- 2. configuration ------------------------------------------------------------------------
+# ---- 2. the network: a bridge, and one namespace per node ------------------------------------
 
-port_in_use() {
-  (exec 3<> "/dev/tcp/127.0.0.1/$1") 2> /dev/null
+make_network() {
+  ip -4 addr show | grep -q "inet $SUBNET\." \
+    && fail "the subnet $SUBNET.0/24 is in use on this machine: set SUBNET to an unused one"
+  ip link add "$BRIDGE" type bridge
+  ip addr add "$CTLD_ADDR/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  printf '127.0.0.1 localhost\n%s %s\n' "$CTLD_ADDR" "$CTLD_HOST" > "$HOSTS_FILE"
+  local i name
+  for (( i = 1; i <= NODES; i++ )); do
+    name=$(node_name "$i")
+    ip netns add "$name"
+    ip link add "$PREFIX-v$i" type veth peer name eth0 netns "$name"
+    ip link set "$PREFIX-v$i" master "$BRIDGE" up
+    ip -n "$name" addr add "$(node_addr "$i")/24" dev eth0
+    ip -n "$name" link set eth0 up
+    ip -n "$name" link set lo up
+    echo "$(node_addr "$i") $name" >> "$HOSTS_FILE"
+  done
+  say "network: bridge $BRIDGE $CTLD_ADDR/24, nodes $(node_name 1)..$(node_name "$NODES") at $(node_addr 1).."
 }
+
+remove_network() {
+  local ns link
+  for ns in $(ip netns list 2> /dev/null | grep -o "^$PREFIX-n[0-9]*" || true); do
+    ip netns pids "$ns" 2> /dev/null | xargs -r kill -KILL 2> /dev/null || true
+    ip netns delete "$ns"
+  done
+  # Deleting one end of a veth pair deletes the other (the namespace's own would go only once
+  # the kernel has released the namespace).
+  for link in $(ip -o link show | grep -o ": $PREFIX-[^:@]*" | tr -d ': ' || true); do
+    ip link delete "$link" 2> /dev/null || true
+  done
+}
+
+# Run a command as a daemon of the node (or of the controller): in its network namespace (none
+# for the controller, which sits on the bridge), with its own hostname and the cluster's hosts
+# file mounted over /etc/hosts. `ip netns exec` would remount /sys, hiding the cgroup file
+# system slurmd looks for: nsenter joins the network namespace only.
+as_host() {  # as_host NAME [NETNS] -- COMMAND...
+  local name=$1 netns=$2
+  shift 3
+  local enter=()
+  [[ -n $netns ]] && enter=(nsenter "--net=/run/netns/$netns")
+  "${enter[@]}" unshare --uts --mount --propagation private \
+    bash -c 'mount --bind "$1" /etc/hosts && hostname "$2" && shift 2 && exec "$@"' _ "$HOSTS_FILE" "$name" "$@"
+}
+
+# ---- 3. configuration and daemons ------------------------------------------------------------
 
 write_config() {
-  local host node_line
-  host=$(hostname -s)
+  local hardware lines="" i
   # What slurmd detects on this machine (CPUs, sockets, cores, memory): a node declared with
   # more than that would be drained at registration.
-  node_line=$(slurmd -C | head -n 1)
-  [[ $node_line == NodeName=* ]] || fail "slurmd -C printed no node line: $node_line"
-  node_line="NodeName=$host ${node_line#NodeName=* }"
-  for port in "$CTLD_PORT" "$SLURMD_PORT"; do
-    ! port_in_use "$port" \
-      || fail "port $port is in use (a SLURM already running?): set SLURMCTLD_PORT / SLURMD_PORT"
+  hardware=$(slurmd -C | head -n 1)
+  [[ $hardware == NodeName=* ]] || fail "slurmd -C printed no node line: $hardware"
+  hardware=${hardware#NodeName=* }
+  for (( i = 1; i <= NODES; i++ )); do
+    lines+="NodeName=$(node_name "$i") NodeAddr=$(node_addr "$i") $hardware State=UNKNOWN"$'\n'
+    mkdir -p "$STATE/slurmd-$(node_name "$i")"
   done
-  mkdir -p "$WORK/etc" "$STATE/slurmctld" "$STATE/slurmd"
-  sed -e "s|@HOST@|$host|g" -e "s|@CTLD_PORT@|$CTLD_PORT|" -e "s|@SLURMD_PORT@|$SLURMD_PORT|" \
-      -e "s|@STATE_DIR@|$STATE|g" -e "s|@NODE_LINE@|$node_line|" \
-      "$repo/tools/slurm/slurm.conf.in" > "$SLURM_CONF"
-  say "wrote $SLURM_CONF: $node_line"
+  mkdir -p "$STATE/slurmctld"
+  local template
+  template=$(< "$repo/tools/slurm/slurm.conf.in")
+  template=${template//@NODE_LINES@/${lines%$'\n'}}
+  template=${template//@NODE_LIST@/$PREFIX-n[1-$NODES]}
+  template=${template//@CTLD_HOST@/$CTLD_HOST}
+  template=${template//@CTLD_ADDR@/$CTLD_ADDR}
+  template=${template//@CTLD_PORT@/$CTLD_PORT}
+  template=${template//@SLURMD_PORT@/$SLURMD_PORT}
+  template=${template//@STATE_DIR@/$STATE}
+  printf '%s\n' "$template" > "$SLURM_CONF"
+  say "wrote $SLURM_CONF: $NODES nodes, each $hardware"
 }
-
-# ---- 3. daemons ------------------------------------------------------------------------------
 
 start_munge() {
   if munge -n 2> /dev/null | unmunge > /dev/null 2>&1; then
@@ -112,16 +192,22 @@ start_munge() {
 }
 
 start_slurm() {
-  slurmctld -f "$SLURM_CONF" || fail "slurmctld did not start: $(tail -5 "$STATE/slurmctld.log" 2> /dev/null)"
-  slurmd -f "$SLURM_CONF" || fail "slurmd did not start: $(tail -5 "$STATE/slurmd.log" 2> /dev/null)"
-  local state
+  # The nodes reach munged through its socket file, which every namespace shares.
+  as_host "$CTLD_HOST" "" -- slurmctld -f "$SLURM_CONF" \
+    || fail "slurmctld did not start: $(tail -5 "$STATE/slurmctld.log" 2> /dev/null)"
+  local i name states
+  for (( i = 1; i <= NODES; i++ )); do
+    name=$(node_name "$i")
+    as_host "$name" "$name" -- slurmd -f "$SLURM_CONF" -N "$name" \
+      || fail "slurmd of $name did not start: $(tail -5 "$STATE/slurmd-$name.log" 2> /dev/null)"
+  done
   for _ in $(seq 60); do
-    state=$(sinfo -h -o %T 2> /dev/null || true)
-    [[ $state == idle ]] && break
+    states=$(sinfo -h -N -o %T 2> /dev/null | sort -u | tr '\n' ' ')
+    [[ $states == "idle " ]] && break
     sleep 1
   done
-  [[ $state == idle ]] || fail "the node is '$state', not idle, after 60 s; see $STATE/slurm*.log"
-  say "cluster up ($(sinfo --version)): $(sinfo -h -o '%P %D node(s) %c CPUs %T')"
+  [[ $states == "idle " ]] || fail "nodes are '$states', not all idle, after 60 s; see $STATE/slurm*.log"
+  say "cluster up ($(sinfo --version)): $(sinfo -h -o '%P %D nodes (%N) %c CPUs each, %T')"
 }
 
 stop_pidfile() {
@@ -130,20 +216,22 @@ stop_pidfile() {
   pid=$(< "$file")
   kill "$pid" 2> /dev/null || true
   for _ in $(seq 20); do
-    # Gone, or a zombie its parent has yet to reap (daemons are reparented, often to an init
-    # that reaps late): either way it no longer runs.
+    # Gone, or a zombie its parent has yet to reap: either way it no longer runs.
     [[ $(ps -o stat= -p "$pid" 2> /dev/null) == [^Z]* ]] || break
     sleep 0.5
   done
   rm -f "$file"
 }
 
-stop_slurm() {
+stop_cluster() {
+  local file
   if [[ -n $job_id ]]; then
     scancel "$job_id" 2> /dev/null || true
   fi
-  stop_pidfile "$STATE/slurmd.pid"
-  stop_pidfile "$STATE/slurmctld.pid"
+  for file in "$STATE"/slurmd-*.pid "$STATE/slurmctld.pid"; do
+    stop_pidfile "$file"
+  done
+  remove_network
   if (( started_munge )); then
     stop_pidfile /run/munge/munged.pid
   fi
@@ -151,18 +239,18 @@ stop_slurm() {
 
 cleanup() {
   if (( KEEP_SLURM )); then
-    say "daemons left running (SLURM_CONF=$SLURM_CONF sinfo);" \
-      "stop them with: kill \$(cat $STATE/slurmctld.pid $STATE/slurmd.pid)"
+    say "cluster left running (SLURM_CONF=$SLURM_CONF sinfo); run the script again to replace it, or remove it" \
+      "with: kill \$(cat $STATE/*.pid); ip netns list | grep $PREFIX-n | xargs -n1 ip netns delete; ip link delete $BRIDGE"
   else
-    stop_slurm
+    stop_cluster
   fi
 }
 
-# ---- 4. the job ------------------------------------------------------------------------------
+# ---- 4. the jobs -----------------------------------------------------------------------------
 
-checkpoint_step() {
+checkpoint_step() {  # checkpoint_step RUN_DIR: the step of its latest checkpoint, 0 without one
   local name
-  name=$(cat "$RUN_DIR/checkpoints/latest" 2> /dev/null || true)
+  name=$(cat "$1/checkpoints/latest" 2> /dev/null || true)
   [[ $name =~ ^step_0*([0-9]+)$ ]] && echo "${BASH_REMATCH[1]}" || echo 0
 }
 
@@ -170,27 +258,61 @@ job_field() {  # job_field NAME: a field of `scontrol show job`
   scontrol show job "$job_id" | grep -o "\b$1=[^ ]*" | head -n 1 | cut -d= -f2
 }
 
-run_job() {
-  say "submitting examples/slurm/tiny_cpu.sbatch: $STEPS steps, a checkpoint every $REQUEUE_AFTER"
-  (cd "$repo" && RUN_ROOT=$WORK/runs RUN_NAME=rehearsal STEPS=$STEPS SAVE_EVERY=$REQUEUE_AFTER \
-     SETS=$JOB_SETS exec sbatch --wait --parsable --output="$WORK/job-%j.out" \
-     examples/slurm/tiny_cpu.sbatch) > "$WORK/sbatch.out" 2>&1 &
-  local sbatch_pid=$! deadline=$((SECONDS + JOB_TIMEOUT))
-  until [[ $(head -n 1 "$WORK/sbatch.out") =~ ^[0-9]+$ ]]; do
-    kill -0 "$sbatch_pid" 2> /dev/null || fail "sbatch: $(cat "$WORK/sbatch.out")"
+kill_rollout_server() {  # kill_rollout_server RUN_DIR: SIGKILL to the server's whole process group
+  local pid
+  pid=$(pgrep -f -- "sglang.launch_server.*$1/start_model" | head -n 1 || true)
+  [[ -n $pid ]] || fail "no rollout server of $1 is running"
+  say "killing the rollout server on $(node_name "$NODES") (pid $pid, its process group)"
+  kill -KILL -- "-$(ps -o pgid= -p "$pid" | tr -d ' ')"
+}
+
+job_state() {  # job_state: JobState of job_id, "" while scontrol cannot tell
+  job_field JobState 2> /dev/null || true
+}
+
+job_running() {  # job_running: the job is queued or running (requeues included), not finished
+  [[ $(job_state) =~ ^(|PENDING|CONFIGURING|RUNNING|COMPLETING|REQUEUED|REQUEUE_FED|RESIZING|SUSPENDED)$ ]]
+}
+
+submit() {  # submit RUN_NAME: sets job_id, job_log and deadline
+  local name=$1 out
+  out=$(cd "$repo" && RUN_ROOT=$WORK/runs RUN_NAME=$name STEPS=$STEPS SAVE_EVERY=1 SETS=$JOB_SETS \
+          sbatch --parsable --nodes="$NODES" --output="$WORK/job-$name-%j.out" \
+          --export=ALL,ROLLOUT_NODES="$ROLLOUT_NODES" examples/slurm/tiny_cpu_multinode.sbatch 2>&1) \
+    || fail "sbatch: $out"
+  job_id=${out%%;*}
+  job_log=$WORK/job-$name-$job_id.out
+  deadline=$((SECONDS + JOB_TIMEOUT))
+  say "job $job_id ($name) submitted: $STEPS steps; log $job_log"
+}
+
+wait_for_checkpoint() {  # wait_for_checkpoint RUN_DIR STEP
+  until (( $(checkpoint_step "$1") >= $2 )); do
+    job_running || fail "job $job_id ended ($(job_state)) before its step-$2 checkpoint; see $job_log"
+    (( SECONDS < deadline )) || fail "no step-$2 checkpoint after $JOB_TIMEOUT s; see $job_log"
     sleep 1
   done
-  job_id=$(head -n 1 "$WORK/sbatch.out")
-  say "job $job_id submitted; log $WORK/job-$job_id.out"
+}
 
-  until (( $(checkpoint_step) >= REQUEUE_AFTER )); do
-    kill -0 "$sbatch_pid" 2> /dev/null || fail "job $job_id ended before its step-$REQUEUE_AFTER checkpoint"
-    (( SECONDS < deadline )) || fail "no step-$REQUEUE_AFTER checkpoint after $JOB_TIMEOUT s"
-    sleep 2
+wait_for_job() {  # polled each second (sbatch --wait polls ever more rarely, up to 30 s apart)
+  while job_running; do
+    (( SECONDS < deadline )) || fail "job $job_id not finished after $JOB_TIMEOUT s; see $job_log"
+    sleep 1
   done
+  [[ $(job_state) == COMPLETED ]] || fail "job $job_id ended $(job_state) (exit code $(job_field ExitCode)); see $job_log"
+}
+
+run_interrupted() {
+  local run_dir=$WORK/runs/rehearsal
+  submit rehearsal
+  if (( KILL_AFTER )); then
+    wait_for_checkpoint "$run_dir" "$KILL_AFTER"
+    kill_rollout_server "$run_dir"
+  fi
+  wait_for_checkpoint "$run_dir" "$REQUEUE_AFTER"
   # What #SBATCH --signal=B:USR1@T sends before the time limit: the launcher has the trainer
   # stop after its step, with a checkpoint, then requeues the job itself.
-  say "checkpoint of step $(checkpoint_step) saved: SIGUSR1 to job $job_id's batch shell"
+  say "checkpoint of step $(checkpoint_step "$run_dir") saved: SIGUSR1 to job $job_id's batch shell"
   scancel --signal=USR1 --batch "$job_id"
   # A requeued job may start again only some time later (its begin time is pushed about two
   # minutes ahead); bring it forward so the rehearsal does not wait.
@@ -199,56 +321,73 @@ run_job() {
     sleep 1
   done
   scontrol update JobId="$job_id" StartTime=now
+  wait_for_job
+  interrupted_job=$job_id interrupted_log=$job_log
+  say "job $job_id finished"
+}
 
-  local rc=0
-  while kill -0 "$sbatch_pid" 2> /dev/null; do
-    (( SECONDS < deadline )) || fail "job $job_id not finished after $JOB_TIMEOUT s"
-    sleep 5
-  done
-  wait "$sbatch_pid" || rc=$?
-  (( rc == 0 )) || fail "sbatch --wait exited with $rc; see $WORK/job-$job_id.out"
-  say "sbatch --wait returned 0"
+run_straight() {
+  # The same start model (its cold start is the slowest part of a job's start).
+  mkdir -p "$WORK/runs/straight"
+  cp -r "$WORK/runs/rehearsal/start_model" "$WORK/runs/straight/start_model"
+  submit straight
+  wait_for_job
+  say "job $job_id (uninterrupted) finished"
 }
 
 # ---- 5. checks -------------------------------------------------------------------------------
 
 check_results() {
-  local state restarts steps expected resumed
+  local state restarts resumed
+  job_id=$interrupted_job
   state=$(job_field JobState)
   restarts=$(job_field Restarts)
   [[ $state == COMPLETED ]] || fail "job $job_id is $state, not COMPLETED"
   [[ $restarts == 1 ]] || fail "job $job_id restarted $restarts times, not once"
-  steps=$("$repo/.venv/bin/python" -c \
-    'import json, sys; print(*[json.loads(l)["step"] for l in open(sys.argv[1]) if l.strip()])' \
-    "$RUN_DIR/metrics.jsonl")
-  expected=$(seq -s ' ' 1 "$STEPS")
-  [[ $steps == "$expected" ]] || fail "metrics.jsonl has steps '$steps', expected '$expected'"
-  (( $(checkpoint_step) == STEPS )) || fail "latest checkpoint is step $(checkpoint_step), expected $STEPS"
-  # The trainer finishes the step under way and checkpoints it: the restart resumes from that
-  # step, the signal's or a later one.
-  grep -q 'stopped by the STOP file: latest checkpoint' "$WORK/job-$job_id.out" \
-    || fail "the trainer did not report stopping with a checkpoint"
-  resumed=$(grep -o 'resuming from checkpoint step_[0-9]*' "$WORK/job-$job_id.out" || true)
+  (( $(checkpoint_step "$WORK/runs/rehearsal") == STEPS )) || fail "latest checkpoint is not step $STEPS"
+  grep -q 'stopped by the STOP file: latest checkpoint' "$interrupted_log" \
+    || fail "the trainer did not report stopping with a checkpoint; see $interrupted_log"
+  resumed=$(grep -o 'resuming from checkpoint step_[0-9]*' "$interrupted_log" || true)
   [[ $resumed =~ step_0*([0-9]+)$ ]] && (( BASH_REMATCH[1] >= REQUEUE_AFTER && BASH_REMATCH[1] < STEPS )) \
     || fail "the restarted job did not resume from a checkpoint of step $REQUEUE_AFTER..$((STEPS - 1)) ('$resumed')"
-  say "job $job_id: $state after $restarts requeue; $resumed; metrics.jsonl steps: $steps"
-  say "passed"
+  resumed_from=${BASH_REMATCH[1]}
+  if (( KILL_AFTER )); then
+    grep -q "serve_node: the server on $(node_name "$NODES"):[0-9]* exited (status [0-9]*); restart 1" \
+      "$WORK/runs/rehearsal/slurm/attempt-0/serve-$(node_name "$NODES").log" \
+      || fail "serve_node.sh did not restart the killed server; see $WORK/runs/rehearsal/slurm/attempt-0/"
+    grep -q "rollout server http://$(node_name "$NODES"):[0-9]* answers again" "$interrupted_log" \
+      || fail "the trainer did not wait for the restarted server; see $interrupted_log"
+  fi
+  "$repo/.venv/bin/python" "$repo/tools/slurm/compare_metrics.py" "$WORK/runs/straight/metrics.jsonl" \
+    "$WORK/runs/rehearsal/metrics.jsonl" --steps "$STEPS" || fail "the interrupted run differs from the straight one"
+  say "job $interrupted_job: COMPLETED after 1 requeue, resumed from step $resumed_from; every step equals the" \
+    "uninterrupted run's"
 }
 
 main() {
-  (( EUID == 0 )) || fail "run as root: it installs packages and starts munge and the SLURM daemons"
-  # Daemons left by an earlier rehearsal (KEEP_SLURM=1) in this folder go first.
-  stop_pidfile "$STATE/slurmd.pid"
-  stop_pidfile "$STATE/slurmctld.pid"
+  (( EUID == 0 )) || fail "run as root: it installs packages, creates network namespaces and starts the daemons"
+  (( NODES - ROLLOUT_NODES >= 1 && ROLLOUT_NODES >= 1 )) || fail "NODES=$NODES, ROLLOUT_NODES=$ROLLOUT_NODES"
+  (( KILL_AFTER < REQUEUE_AFTER && REQUEUE_AFTER < STEPS )) \
+    || fail "need KILL_AFTER < REQUEUE_AFTER < STEPS (got $KILL_AFTER, $REQUEUE_AFTER, $STEPS)"
+  # A cluster left by an earlier rehearsal (KEEP_SLURM=1) goes first.
+  for file in "$STATE"/slurmd-*.pid "$STATE/slurmctld.pid"; do
+    stop_pidfile "$file"
+  done
+  remove_network
   rm -rf "$WORK"
-  mkdir -p "$WORK"
+  mkdir -p "$WORK/etc"
   install_packages
-  write_config
   trap cleanup EXIT
+  make_network
+  write_config
   start_munge
   start_slurm
-  run_job
+  run_interrupted
+  run_straight
   check_results
+  say "passed"
+  printf '{"nodes": %d, "train_nodes": %d, "rollout_nodes": %d, "steps": %d, "requeued": %d, "resumed_from": %d, "seconds": %d}\n' \
+    "$NODES" "$((NODES - ROLLOUT_NODES))" "$ROLLOUT_NODES" "$STEPS" 1 "$resumed_from" "$((SECONDS - started))"
 }
 
 main

@@ -16,7 +16,10 @@
 #      fails here, in seconds, before anything is converted or started;
 #   3. convert the HF checkpoint to a Megatron one (once per model, shared by jobs, skipped when
 #      it exists): the checkpoint for parity checks and exports; the trainer itself starts from
-#      the HF weights (model.hf_dir), or from this one with SETS="checkpoint.load_dir=MCORE_DIR";
+#      the HF weights (model.hf_dir), or from this one with SETS="checkpoint.load_dir=MCORE_DIR".
+#      A built-in model (the CPU demo's) served by rollout nodes is first written, after its
+#      cold start, to RUN_DIR/start_model (`megatron-sapo train --prepare-only`), and that is
+#      converted (to RUN_DIR/mcore) and served;
 #   4. disaggregated rollout: one srun step per rollout node starting its SGLang servers
 #      (serve_node.sh, bound to 0.0.0.0), then wait until every server answers /health;
 #   5. srun `megatron-sapo train CONFIG --output RUN_DIR --set rollout.servers=[...]`, with
@@ -35,7 +38,9 @@
 #   HF_MODEL          HF checkpoint folder; sets model.hf_dir [the config's model]
 #   RUN_ROOT          folder of all runs [REPO/runs/slurm]; this job's: RUN_ROOT/RUN_NAME
 #   RUN_NAME          [JOBNAME-JOBID]; name an existing run to continue it from another job
-#   MCORE_DIR         converted checkpoint [RUN_ROOT/mcore/<HF folder name>]; CONVERT=0 skips step 2
+#   MCORE_DIR         converted checkpoint [RUN_ROOT/mcore/<HF folder name>; a built-in model's:
+#                     RUN_DIR/mcore]; CONVERT=0 skips step 3
+#   SERVER_RESTARTS   times serve_node.sh restarts a server that exits [3]
 #   ROLLOUT_NODES     nodes that serve rollouts [0]; must be > 0 iff rollout.mode = "disaggregated"
 #   GPUS_PER_NODE     [SLURM_GPUS_ON_NODE, else 0 = CPU: one model copy's ranks per node]
 #   SERVER_PORT       first server port on each rollout node [30000]
@@ -187,6 +192,21 @@ check_memory_plan() {
   log "$(grep -m1 '^  total' "$ATTEMPT_DIR/memory_plan.txt" | sed 's/^ *//' || true)"
 }
 
+prepare_start_model() {
+  [[ $ROLLOUT_MODE == disaggregated && -z $HF_DIR ]] || return 0
+  local cmd=(megatron-sapo train "$CONFIG" --output "$RUN_DIR" "${SET_FLAGS[@]}" --prepare-only)
+  MCORE_DIR=${MCORE_DIR:-$RUN_DIR/mcore}
+  if (( DRY_RUN )); then
+    show "${cmd[@]}"
+    HF_DIR=$RUN_DIR/start_model
+    return
+  fi
+  log "built-in model: writing its start model (cold start included) for the rollout nodes to serve"
+  HF_DIR=$("${cmd[@]}" | tail -n 1)
+  [[ -f $HF_DIR/config.json ]] || die "megatron-sapo train --prepare-only wrote no checkpoint ('$HF_DIR')"
+  log "start model: $HF_DIR"
+}
+
 convert_checkpoint() {
   if [[ -z $HF_DIR ]]; then
     log "built-in model: no HF checkpoint to convert"
@@ -284,6 +304,7 @@ train() {
 main() {
   plan_job
   check_memory_plan
+  prepare_start_model
   convert_checkpoint
   start_servers
   local rc=0

@@ -185,11 +185,8 @@ class ServerManager:
             if server.process.poll() is not None:
                 raise ServerStartError(f"SGLang server {url} exited with code {server.process.returncode} during "
                                        f"start-up; last lines of {server.log_path}:\n{self._tail(server)}")
-            try:
-                if requests.get(f"{url}/health", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
+            if _healthy(url):
+                return
             time.sleep(1.0)
         raise ServerStartError(f"SGLang server {url} not healthy after {self.startup_timeout_s:.0f} s; last lines "
                                f"of {server.log_path}:\n{self._tail(server)}")
@@ -246,3 +243,48 @@ class ServerManager:
             previous(signum, frame)
         else:
             raise SystemExit(128 + signum)
+
+
+class RemoteServers:
+    """Servers someone else runs (``rollout.mode = "disaggregated"``): the trainer cannot restart
+    them, but their supervisor can (``examples/slurm/serve_node.sh`` restarts a server that
+    exits). :meth:`ensure_alive`, the client's failure hook and the check before each weight
+    sync, waits for a server that stopped answering to come back, so a restarted rollout node
+    costs the run a wait, not the run; the restarted server serves its start weights, which the
+    trainer detects (weight versions) and replaces before sampling again."""
+
+    def __init__(self, startup_timeout_s: float, poll_s: float = 2.0) -> None:
+        self.startup_timeout_s = startup_timeout_s
+        self.poll_s = poll_s
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def ensure_alive(self, url: str) -> None:
+        """Return once ``url`` answers ``/health``; ServerStartError, naming it, after
+        ``startup_timeout_s`` without an answer. Concurrent callers for one server wait together."""
+        with self._guard:
+            lock = self._locks.setdefault(url, threading.Lock())
+        with lock:
+            if _healthy(url):
+                return
+            print(f"rollout server {url} is not answering: waiting up to {self.startup_timeout_s:.0f} s "
+                  "(rollout.startup_timeout_s) for it to come back", file=sys.stderr, flush=True)
+            start = time.monotonic()
+            while time.monotonic() - start < self.startup_timeout_s:
+                time.sleep(self.poll_s)
+                if _healthy(url):
+                    print(f"rollout server {url} answers again after {time.monotonic() - start:.0f} s",
+                          file=sys.stderr, flush=True)
+                    return
+            raise ServerStartError(f"rollout server {url} did not answer /health for {self.startup_timeout_s:.0f} s "
+                                   "(rollout.startup_timeout_s); see the logs of the node that runs it")
+
+    def stop(self) -> None:
+        """Nothing to stop: the servers belong to whoever started them."""
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False

@@ -10,7 +10,10 @@ buckets of ``bucket_bytes`` and pushed by their owner, so no rank ever holds the
 - ``distributed``: each owner rank opens its own update group with the servers' ranks
   (``/init_weights_update_group``; gloo on CPU, NCCL on GPUs), posts the bucket's names,
   dtypes and shapes to ``/update_weights_from_distributed`` and broadcasts the tensors. Owners
-  may push concurrently; each server serves their requests one at a time.
+  may push concurrently; each server serves their requests one at a time. An owner is the
+  group's master at its own address on the route to the servers (another node's, on a
+  cluster) and a free port there. A server that restarted (it reports another weight version
+  than the last one pushed) has left its groups: every owner then opens new ones.
 - ``disk``: the converter's exporter writes an HF checkpoint (each rank its part) and the
   servers reload it with ``/update_weights_from_disk`` (shared storage; the fallback).
 
@@ -34,12 +37,14 @@ import base64
 import datetime
 import io
 import pickle
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Iterable, Iterator
+from urllib.parse import urlsplit
 
 import requests
 import torch
@@ -50,6 +55,7 @@ from megatron_sapo.config import WEIGHT_SYNC_METHODS, WeightSyncMethod
 from megatron_sapo.convert.export import export_hf, iter_hf_tensors
 from megatron_sapo.convert.mapping import MappingTable
 from megatron_sapo.parallel.collectives import comm_device
+from megatron_sapo.parallel.ports import free_port
 
 SyncPath = WeightSyncMethod
 """``rollout.weight_sync``: how the weights travel (config.py holds the one list)."""
@@ -137,12 +143,16 @@ class WeightSync:
     disk_dir: Path | None = None
     """Where the disk path writes its checkpoint (shared by trainer and servers)."""
     timeout_s: float = 600.0
-    master_address: str = "127.0.0.1"
-    master_port: int = 29600
-    """Base port of the update groups of the distributed path (trainer rank i uses base + i)."""
+    master_address: str | None = None
+    """This rank's address in its update groups (distributed path); None: the one on its route
+    to the first server (127.0.0.1 for a server on this machine)."""
     backend: str | None = None
     """Update-group backend of the distributed path; None: nccl with CUDA, else gloo."""
     _groups: dict = field(default_factory=dict, init=False, repr=False)
+    _opened: int = field(default=0, init=False, repr=False)
+    """Update groups this rank has opened so far (their names count them)."""
+    _pushed: str | None = field(default=None, init=False, repr=False)
+    """The weight version of the last sync."""
 
     def __post_init__(self) -> None:
         if self.path not in SYNC_PATHS:
@@ -157,6 +167,8 @@ class WeightSync:
     def sync(self, version: str) -> SyncStats:
         """Push the current weights and make the servers report ``version``."""
         start = time.perf_counter()
+        if self.path == "distributed":
+            self._drop_groups_of_restarted_servers()
         if self._rank == 0:
             for server in self.servers:
                 _post(server.url, "/begin_weight_update", {}, self.timeout_s)
@@ -175,6 +187,7 @@ class WeightSync:
                       self.timeout_s)
                 _post(server.url, "/flush_cache", None, self.timeout_s)
         dist.barrier()
+        self._pushed = version
         totals = torch.tensor([stats.bytes, stats.tensors, stats.buckets], dtype=torch.float64, device=comm_device())
         dist.all_reduce(totals)
         return SyncStats(bytes=int(totals[0]), tensors=int(totals[1]), buckets=int(totals[2]),
@@ -185,6 +198,23 @@ class WeightSync:
         for name, group in self._groups.items():
             for server in self.servers:
                 _post(server.url, "/destroy_weights_update_group", {"group_name": name}, self.timeout_s)
+            dist.destroy_process_group(group)
+        self._groups.clear()
+
+    def _drop_groups_of_restarted_servers(self) -> None:
+        """Collective. A server reporting another version than the last sync's was restarted and
+        is in none of the update groups any more: every rank drops its groups (the servers still
+        up are asked to drop theirs too) and the push opens new ones."""
+        restarted = [None]
+        if self._rank == 0 and self._pushed is not None:
+            restarted[0] = [s.url for s in self.servers if _weight_version(s.url, self.timeout_s) != self._pushed]
+        dist.broadcast_object_list(restarted, src=0)
+        if not restarted[0] or not self._groups:
+            return
+        for name, group in self._groups.items():
+            for server in self.servers:
+                if server.url not in restarted[0]:
+                    _post(server.url, "/destroy_weights_update_group", {"group_name": name}, self.timeout_s)
             dist.destroy_process_group(group)
         self._groups.clear()
 
@@ -206,11 +236,13 @@ class WeightSync:
 
     def _push_distributed(self) -> SyncStats:
         stats = SyncStats()
-        # Every rank that owns tensors sends them through its own group, on its own port.
-        group_name = f"megatron-sapo-sync-{self._rank}"
+        # Every rank that owns tensors sends them through its own group.
         for bucket in buckets(self._hf_tensors(), self.bucket_bytes):
-            group = self._groups.get(group_name) or self._open_group(group_name, self.master_port + self._rank)
-            self._broadcast_bucket(group, group_name, bucket)
+            if not self._groups:
+                self._opened += 1
+                self._open_group(f"megatron-sapo-sync-{self._rank}-{self._opened}")
+            (name, group), = self._groups.items()
+            self._broadcast_bucket(group, name, bucket)
             _count(stats, bucket)
         return stats
 
@@ -228,8 +260,10 @@ class WeightSync:
 
     # ---- distributed-path helpers ---------------------------------------------------------------
 
-    def _open_group(self, name: str, port: int):
+    def _open_group(self, name: str):
         """Create the update group between this rank (rank 0 in it) and every server's ranks."""
+        address = self.master_address or route_address(self.servers[0].url)
+        port = free_port(host=address)
         world = 1 + sum(s.tp for s in self.servers)
         backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
         replies: list = []
@@ -238,7 +272,7 @@ class WeightSync:
             offset = 1
             for server in self.servers:
                 replies.append(_post(server.url, "/init_weights_update_group", {
-                    "master_address": self.master_address, "master_port": port, "rank_offset": offset,
+                    "master_address": address, "master_port": port, "rank_offset": offset,
                     "world_size": world, "group_name": name, "backend": backend}, self.timeout_s))
                 offset += server.tp
 
@@ -248,13 +282,12 @@ class WeightSync:
         asking = threading.Thread(target=ask_servers, daemon=True)
         asking.start()
         group = init_custom_process_group(
-            backend=backend, init_method=f"tcp://{self.master_address}:{port}", world_size=world, rank=0,
+            backend=backend, init_method=f"tcp://{address}:{port}", world_size=world, rank=0,
             group_name=name, timeout=datetime.timedelta(seconds=self.timeout_s))
         asking.join(self.timeout_s)
         if asking.is_alive() or len(replies) != len(self.servers):
             raise WeightSyncError(f"servers did not join weight-update group {name} (port {port})")
         self._groups[name] = group
-        return group
 
     def _broadcast_bucket(self, group, name: str, bucket: list[tuple[str, torch.Tensor]]) -> None:
         body = {"names": [n for n, _ in bucket], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
@@ -277,6 +310,20 @@ class WeightSync:
             thread.join(self.timeout_s)
         if errors:
             raise WeightSyncError(str(errors[0]))
+
+
+def route_address(url: str) -> str:
+    """This machine's address on its route to ``url``'s host: the one a server there reaches it at."""
+    parts = urlsplit(url)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((parts.hostname, parts.port or 80))  # a UDP connect only picks the route
+        return sock.getsockname()[0]
+
+
+def _weight_version(url: str, timeout_s: float) -> str | None:
+    response = requests.get(f"{url}/model_info", timeout=timeout_s)
+    response.raise_for_status()
+    return response.json().get("weight_version")
 
 
 def _count(stats: SyncStats, bucket: list[tuple[str, torch.Tensor]]) -> None:

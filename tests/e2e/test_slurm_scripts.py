@@ -7,15 +7,20 @@ GPUs); ``job_plan.py`` splits an allocation and refuses layouts that do not fit;
 ``launch_rl.sh`` under ``DRY_RUN=1`` prints the steps a job would run, adding ``--resume`` only
 when the run folder holds a checkpoint.
 
-Slow: ``tools/slurm_rehearsal.sh`` starts a one-node SLURM, submits the CPU demo through the
-same launcher, sends it SIGUSR1 after its first checkpoint (as a coming time limit does) and
-checks that it stopped with a checkpoint, requeued itself, resumed and finished.
-It runs only where ``sbatch`` is on PATH and the test runs as root (daemons, munge).
+Slow: ``tools/slurm_rehearsal.sh`` builds a 3-node SLURM cluster on this machine (a network and
+UTS namespace per node, a slurmd in each), submits the CPU demo through the same launcher in
+the 30B-A3B job's shape (a rollout node serving, two training nodes, weights broadcast across
+nodes), kills the rollout node's server mid-step, sends the job SIGUSR1 after a checkpoint (as
+a coming time limit does), and checks that the trainer waited for the restarted server, the job
+stopped with a checkpoint, requeued itself, resumed, and that every step equals an
+uninterrupted run's. It runs where SLURM is installed (``tools/setup_env.sh`` installs it as
+root) and the test runs as root with network namespaces; elsewhere it skips, saying why.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -52,8 +57,8 @@ def sbatch_directives(path: Path) -> dict[str, str]:
 
 def test_the_expected_scripts_exist():
     names = {p.name for p in SCRIPTS}
-    assert {f"{a}_30b_a3b.sbatch" for a in ALGORITHMS} | {"tiny_cpu.sbatch", "launch_rl.sh", "serve_node.sh",
-                                                          "slurm_rehearsal.sh"} <= names
+    assert {f"{a}_30b_a3b.sbatch" for a in ALGORITHMS} | {"tiny_cpu.sbatch", "tiny_cpu_multinode.sbatch",
+                                                          "launch_rl.sh", "serve_node.sh", "slurm_rehearsal.sh"} <= names
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -139,6 +144,17 @@ def test_tiny_cpu_sbatch_header():
     assert "examples/slurm/launch_rl.sh" in text
 
 
+def test_tiny_cpu_multinode_sbatch_header():
+    path = SLURM_DIR / "tiny_cpu_multinode.sbatch"
+    directives = sbatch_directives(path)
+    assert "requeue" in directives and directives["open-mode"] == "append"
+    assert re.fullmatch(r"B:USR1@\d+", directives["signal"])
+    assert int(directives["nodes"]) == 3 and int(directives["ntasks-per-node"]) == 1
+    text = path.read_text()
+    assert "ROLLOUT_NODES:-1" in text and "GPUS_PER_NODE=0" in text
+    assert "rollout.mode=disaggregated" in text and "rollout.weight_sync=distributed" in text
+
+
 # ---- job_plan.py -----------------------------------------------------------------------------
 
 def test_plan_splits_nodes_between_training_and_rollout():
@@ -156,6 +172,15 @@ def test_plan_of_the_cpu_demo():
                     gpus_per_node=0, cpus_per_node=2, server_port=30000)
     assert (plan.mode, plan.train_hosts, plan.tasks_per_node, plan.cpus_per_task) == ("colocated", ["vm"], 2, 1)
     assert plan.servers == [] and plan.hf_dir is None
+
+
+def test_plan_of_the_multinode_cpu_demo():
+    cfg = load_config(REPO / "examples" / "tiny_cpu" / "sapo.toml",
+                      ["parallel.tp=1", "rollout.mode=disaggregated", 'rollout.servers=["localhost:30000"]'])
+    plan = plan_job(cfg, ["n1", "n2", "n3"], rollout_nodes=1, gpus_per_node=0, cpus_per_node=2, server_port=30000)
+    assert (plan.train_hosts, plan.rollout_hosts) == (["n1", "n2"], ["n3"])
+    assert (plan.tasks_per_node, plan.cpus_per_task, plan.data_parallel) == (1, 2, 2)
+    assert plan.servers == ["n3:30000"] and plan.hf_dir is None
 
 
 def test_plan_asks_for_routed_experts_under_r3():
@@ -262,6 +287,34 @@ def test_dry_run_resumes_only_from_an_existing_checkpoint(tmp_path):
     assert "resuming from checkpoint step_00000002" in out
 
 
+def test_dry_run_of_the_multinode_cpu_demo(tmp_path):
+    """A built-in model served by a rollout node: written once into the run folder, converted
+    there, served from there."""
+    sets = 'parallel.tp=1 rollout.mode=disaggregated rollout.servers=["localhost:30000"]'
+    out = dry_run(tmp_path, SLURM_JOB_NODELIST="n[1-3]", ROLLOUT_NODES="1", GPUS_PER_NODE="0", SLURM_CPUS_ON_NODE="2",
+                  CONFIG="examples/tiny_cpu/sapo.toml", RUN_NAME="demo", SETS=sets)
+    run_dir = f"{tmp_path}/runs/demo"
+    prepare, convert = commands(out, "megatron-sapo")
+    assert prepare.startswith(f"+ megatron-sapo train examples/tiny_cpu/sapo.toml --output {run_dir} ")
+    assert prepare.rstrip().endswith("--prepare-only")
+    assert f"convert hf-to-mcore --hf {run_dir}/start_model --out {run_dir}/mcore --tp 1 --pp 1 --ep 1" in convert
+    server, train = commands(out, "srun")
+    assert "--nodelist=n3" in server and f"serve_node.sh {run_dir}/start_model 30000 1 1" in server
+    assert "--nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=2" in train and "--nodelist=n1\\,n2" in train
+    assert 'rollout.servers=\\[\\"n3:30000\\"\\]' in train
+
+
+def test_prepare_only_writes_the_start_model_and_stops(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "megatron_sapo.cli", "train", "examples/tiny_cpu/sapo.toml",
+                           "--output", str(out), "--set", "train.sft_steps=2", "--prepare-only"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(out / "start_model")
+    assert (out / "start_model" / "config.json").is_file() and (out / "start_model" / "cold_start_losses.json").is_file()
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
 def test_launcher_refuses_a_layout_that_does_not_fit(tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     base.update(DRY_RUN="1", SLURM_JOB_ID="1", SLURM_JOB_NODELIST="gpu[1-2]", GPUS_PER_NODE="8", ROLLOUT_NODES="0",
@@ -272,28 +325,39 @@ def test_launcher_refuses_a_layout_that_does_not_fit(tmp_path):
     assert "ROLLOUT_NODES=0" in done.stderr and "srun" not in done.stdout
 
 
-# ---- the rehearsal on a real one-node SLURM --------------------------------------------------
+# ---- the rehearsal on a real multi-node SLURM -------------------------------------------------
 
 def _rehearsal_skip_reason() -> str | None:
-    if shutil.which("sbatch") is None:
-        return "sbatch is not on PATH (tools/slurm_rehearsal.sh installs SLURM from Debian packages, as root)"
+    missing = [tool for tool in ("sbatch", "slurmctld", "slurmd", "munged", "ip", "nsenter", "unshare")
+               if shutil.which(tool) is None]
+    if missing:
+        return (f"{', '.join(missing)} not on PATH (tools/setup_env.sh installs SLURM and munge from Debian "
+                "packages when run as root)")
     if os.geteuid() != 0:
-        return "the rehearsal starts munge and the SLURM daemons: it needs root"
+        return "the rehearsal creates network namespaces and starts munge and the SLURM daemons: it needs root"
+    probe = subprocess.run(["unshare", "--net", "--uts", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"this machine does not allow network namespaces ({probe.stderr.strip()})"
     return None
 
 
 @pytest.mark.slow
-def test_rehearsal_job_runs_requeues_and_resumes(tmp_path):
+def test_multinode_rehearsal_survives_a_killed_server_and_a_requeue(tmp_path):
     reason = _rehearsal_skip_reason()
     if reason:
         print(f"skipped: {reason}")
         pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(REHEARSAL_DIR=str(tmp_path / "slurm"), STEPS="6", REQUEUE_AFTER="2")
+    env.update(REHEARSAL_DIR=str(tmp_path / "slurm"))
     done = subprocess.run(["bash", str(REPO / "tools" / "slurm_rehearsal.sh")], env=env, capture_output=True,
-                          text=True, timeout=2400)
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "metrics.jsonl steps: 1 2 3 4 5 6" in done.stdout
-    # The trainer checkpoints the step under way when it sees the stop: step 2 (the signal's) or later.
-    assert re.search(r"resuming from checkpoint step_0000000[2-5]", done.stdout)
-    assert done.stdout.rstrip().endswith("passed")
+    print(done.stdout)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {k: result[k] for k in ("nodes", "train_nodes", "rollout_nodes", "steps", "requeued")} == dict(
+        nodes=3, train_nodes=2, rollout_nodes=1, steps=4, requeued=1)
+    # The trainer checkpoints the step under way when it sees the stop: step 2 (the signal's) or 3.
+    assert result["resumed_from"] in (2, 3)
+    assert "every step equals the uninterrupted run's" in done.stdout
+    assert not [line for line in subprocess.run(["ip", "-o", "link", "show"], capture_output=True,
+                                                text=True).stdout.splitlines() if ": msapo-" in line]

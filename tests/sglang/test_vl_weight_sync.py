@@ -63,7 +63,7 @@ def client(vl_manager, vl_models) -> RolloutClient:
     return RolloutClient(vl_manager.urls, image_token_id=image_token_id)
 
 
-def _sync_rank(hf_dir: str, url: str, path: str, version: str, port: int) -> None:
+def _sync_rank(hf_dir: str, url: str, path: str, version: str) -> None:
     parallel = ParallelConfig(tp=1, ep=2)
     pg = initialize_model_parallel(parallel)
     try:
@@ -74,7 +74,7 @@ def _sync_rank(hf_dir: str, url: str, path: str, version: str, port: int) -> Non
         table = models.weight_table(family, spec)
         load_hf_into_model(model, HFCheckpoint(hf_dir), table, pg)
         sync = WeightSync(model, table, pg, [ServerEndpoint(url)], path=path, bucket_bytes=64 * 1024,
-                          hf_config=hf_config, master_port=port)
+                          hf_config=hf_config)
         sync.sync(version)
         sync.close()
     finally:
@@ -116,7 +116,7 @@ def test_sync_serves_new_weights_for_seen_and_new_images(client, vl_models, rest
     old_version = client.weight_versions()[url]
 
     version = f"vl-step-3-{path}"
-    spawn(_sync_rank, 2, str(model_b), url, path, version, free_port())
+    spawn(_sync_rank, 2, str(model_b), url, path, version)
     assert old_version != version and client.weight_versions() == {url: version}
 
     results = {}

@@ -26,7 +26,6 @@ from megatron_sapo.parallel.vocab_parallel import vocab_parallel_logprobs
 from megatron_sapo.rollout.weight_sync import ServerEndpoint, WeightSync
 from megatron_sapo.training.forward import forward_logits
 from sglang_reference import hf_greedy
-from megatron_sapo.parallel.ports import free_port
 
 pytestmark = pytest.mark.sglang
 
@@ -34,7 +33,7 @@ PROMPT = [5, 17, 33, 100, 7]
 SEQUENCE = [11, 250, 3, 3, 97, 140, 60, 8, 21, 299]
 
 
-def _sync_rank(hf_dir: str, url: str, path: str, layout: dict, version: str, work: str, port: int) -> None:
+def _sync_rank(hf_dir: str, url: str, path: str, layout: dict, version: str, work: str) -> None:
     parallel = ParallelConfig(**layout)
     pg = initialize_model_parallel(parallel)
     try:
@@ -43,8 +42,7 @@ def _sync_rank(hf_dir: str, url: str, path: str, layout: dict, version: str, wor
         model = qwen3_moe.build_model(spec, pg, pp_rank=dist.get_rank(pg.pp))
         load_hf_into_model(model, HFCheckpoint(hf_dir), qwen3_moe.weight_table(spec), pg)
         sync = WeightSync(model, qwen3_moe.weight_table(spec), pg, [ServerEndpoint(url)], path=path,
-                          bucket_bytes=64 * 1024, hf_config=hf_config, disk_dir=Path(work) / "synced",
-                          master_port=port)
+                          bucket_bytes=64 * 1024, hf_config=hf_config, disk_dir=Path(work) / "synced")
         stats = sync.sync(version)
         sync.close()
         logits = forward_logits(model, torch.tensor([SEQUENCE]), pg)
@@ -98,7 +96,7 @@ def test_sync_changes_served_weights(manager, tiny_models, restore_a, tmp_path, 
     assert expected != hf_greedy(model_a, PROMPT, 6), "the two tiny models must differ"
 
     version = f"step-7-{path}"
-    spawn(_sync_rank, 2, model_b, url, path, layout, version, str(tmp_path), free_port())
+    spawn(_sync_rank, 2, model_b, url, path, layout, version, str(tmp_path))
 
     tokens, reported = _greedy(url)
     assert tokens == expected
