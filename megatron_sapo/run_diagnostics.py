@@ -20,7 +20,7 @@ Size bound: a step's file holds at most ``diagnostics_tokens * TOKEN_BYTES`` (6)
 ``FILE_OVERHEAD_BYTES`` of container and settings: 499,712 + 32,768 bytes (under 520 KiB) at the
 defaults, however large the step. A replica sends its proportional share of that, about
 ``1 / dp`` of it (Qwen3-30B-A3B at 1,024 responses and DP 8: 8,192 tokens and all its 128
-sequences, about 52 KiB); the exact counts are 32 bytes per replica.
+sequences, about 51 KiB); the exact counts are 32 bytes per replica.
 """
 
 from __future__ import annotations

@@ -147,13 +147,14 @@ def markdown(run_dir: Path, stored: list[StepDiagnostics], summaries: list[StepS
         f"{settings['tau_neg']:g}" + (f", eps_low {settings['eps_low']:g}, eps_high {settings['eps_high']:g}"
                                       if settings["eps_low"] is not None else "") + ").",
         "",
-        *(f"Gate engaged ({name}): {ENGAGED[name]}. A sequence is engaged when any of its tokens is." for name in losses),
+        *(f"Gate engaged ({name}): {ENGAGED[name]}. A sequence is engaged when any of its tokens is."
+          for name in losses),
         "",
         "Tokens, sequences and the engaged fractions count every response token of the step (exact). The "
         "other columns describe the stored uniform samples: token ratios r after the step's updates against "
-        "the policy that sampled, Var_i the variance of a sequence's token log-ratios, D_i the gap between "
-        "its mean token gate and its sequence gate, bounded by tau^2/4 Var_i (paper eq. 21; D_i and the bound "
-        "use SAPO's temperatures whatever the objective).",
+        "the old policy the updates started from, Var_i the variance of a sequence's token log-ratios, D_i "
+        "the gap between its mean token gate and its sequence gate, bounded by tau^2/4 Var_i (paper eq. 21; "
+        "D_i and the bound use SAPO's temperatures whatever the objective).",
         "",
         *_table(header, rows),
         "",
@@ -162,7 +163,8 @@ def markdown(run_dir: Path, stored: list[StepDiagnostics], summaries: list[StepS
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(row) + " |" for row in rows)]
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
 
 
 __all__ = ["markdown", "plot_gate_gap", "plot_ratios", "write_png"]
