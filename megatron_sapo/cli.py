@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the algorithm core on synthetic data (gates, gradients, gate-gap bound, vocab-parallel log-probs)",
     )
     check.set_defaults(func=_selfcheck)
-    from megatron_sapo.analysis import compare
+    from megatron_sapo.analysis import compare, diagnose
     from megatron_sapo.convert import commands, parity
     from megatron_sapo import eval_command, train_command
     from megatron_sapo.plan import command as plan_command
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parity.register(sub)
     server.register(sub)
     compare.register(sub)
+    diagnose.register(sub)
     return parser
 
 

@@ -712,11 +712,20 @@ class LoggingConfig:
     tensorboard: bool = True
     """Write TensorBoard events under <out_dir>/tensorboard."""
     histogram_every: int = 10
-    """Log histograms of token ratios and gate diagnostics every this many steps (0: never)."""
+    """Every this many steps (0: never) recompute the log-probs after the step's updates and store
+    a sample of token ratios and per-sequence gate diagnostics in <out_dir>/diagnostics/ (read by
+    `megatron-sapo diagnose`), with TensorBoard histograms of the same sample."""
+    diagnostics_tokens: int = 65536
+    """Response tokens sampled per histogram step, over all data-parallel replicas (6 bytes each
+    in the step's file); the fractions of tokens where the gate engaged count every token."""
+    diagnostics_sequences: int = 4096
+    """Sequences sampled per histogram step, over all replicas (26 bytes each in the step's file)."""
 
     def __post_init__(self) -> None:
         _check_bool("logging.tensorboard", self.tensorboard)
         _check_int("logging.histogram_every", self.histogram_every, 0)
+        _check_int("logging.diagnostics_tokens", self.diagnostics_tokens, 1)
+        _check_int("logging.diagnostics_sequences", self.diagnostics_sequences, 1)
 
 
 @dataclass(kw_only=True)

@@ -34,8 +34,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_sapo.algo import gate_diagnostics, group_advantages
+from megatron_sapo import run_diagnostics
+from megatron_sapo.algo import group_advantages
 from megatron_sapo.algo.correction import correction_metrics, correction_sums, rollout_correction
+from megatron_sapo.algo.diagnostics import gate_records
 from megatron_sapo.config import RunConfig
 from megatron_sapo.config_file import dump_config
 from megatron_sapo.data.rewards import RewardScores
@@ -394,22 +396,23 @@ def replica_load(batch: TrainBatch, pg) -> dict[str, float]:
 
 def histograms(run: Run, batch: TrainBatch) -> None:
     """Token ratios after this step's updates against the old policy, ``Var_i``, ``D_i`` and its
-    bound (the paper's figures 2-3 for this run), over every replica's rows."""
+    bound, and where the gate engaged (the paper's figures 2-3 for this run): exact counts and a
+    bounded sample over every replica's rows, written to ``diagnostics/`` and TensorBoard
+    (``run_diagnostics.py``)."""
     routing = run.routing if batch.routes is not None else None
     new = compute_logprobs(run.policy.trainable.model, batch, run.pg, batching=Batching.of(run.cfg.train),
                            temperature=run.cfg.rollout.temperature,
                            true_vocab_size=run.policy.spec.vocab_size, routing=routing)
     if dist.get_rank(run.pg.mp) != 0:  # rank 0's data-parallel group (TP and PP rank 0) reports
         return
-    diag = gate_diagnostics(new, batch.old_logprobs, batch.advantages, batch.loss_mask,
-                            run.cfg.loss.tau_pos, run.cfg.loss.tau_neg)
-    values = {"token_ratio": diag.token_ratios, "log_ratio_var": diag.log_ratio_var,
-              "gate_gap": diag.gate_gap, "gate_gap_bound": diag.gap_bound}
-    values = {key: value.cpu() for key, value in values.items()}
-    gathered = [None] * run.pg.dp.size() if dist.get_rank(run.pg.dp) == 0 else None
-    dist.gather_object(values, gathered, group=run.pg.dp, group_dst=0)
+    records = gate_records(new, batch.old_logprobs, batch.advantages, batch.loss_mask, run.cfg.loss)
+    logging = run.cfg.logging
+    step = run_diagnostics.collect(records, run.cfg.loss, run.step, seed=run.cfg.train.seed,
+                                   tokens=logging.diagnostics_tokens, sequences=logging.diagnostics_sequences,
+                                   group=run.pg.dp)
     if run.rollout is not None:
-        run.rollout.log.histograms(run.step, {key: torch.cat([part[key] for part in gathered]) for key in values})
+        step.save(run_diagnostics.step_file(run.out_dir, run.step))
+        run.rollout.log.histograms(run.step, step.histograms())
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -607,6 +610,7 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     else:
         scorer = RewardScorer(reward_name(cfg.data), cfg.data.reward_timeout_s, workers=cfg.data.reward_workers)
     log = RunLog(out_dir, tensorboard=cfg.logging.tensorboard, resume_step=state.step)
+    run_diagnostics.drop_after(out_dir, state.step)
     eval_sets = load_sets(cfg, tokenizer, processor)
     return Rollout(client=client, pipeline=pipeline, val_prompts=val_prompts, sampler=sampler, scorer=scorer,
                    eval_sets=eval_sets, manager=manager, log=log, tokenizer=tokenizer)

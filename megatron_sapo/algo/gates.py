@@ -36,6 +36,33 @@ def sapo_grad_weight(ratio: torch.Tensor, tau: torch.Tensor | float) -> torch.Te
     return torch.cosh(tau * (ratio - 1) / 2).pow(-2)
 
 
+ATTENUATED_BELOW = 0.5
+"""A token's SAPO gate counts as engaged (``attenuated_frac``) where its gradient weight is below this."""
+
+
+def sapo_attenuated(ratio: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+    """bool: the soft gate engaged, ``sech^2(tau/2 (r - 1)) < ATTENUATED_BELOW`` (at tau = 1:
+    r > 2.76; ratios are positive, so never from below)."""
+    return sapo_grad_weight(ratio, tau) < ATTENUATED_BELOW
+
+
+def clip_sides(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    eps_low: float,
+    eps_high: float,
+    dual_clip_c: float | None,
+) -> dict[str, torch.Tensor]:
+    """bool flags of the tokens whose gradient ``clipped_objective`` removes, by the side that
+    removes it: "low" (A < 0, r < 1 - eps_low), "high" (A > 0, r > 1 + eps_high) and, with the
+    dual clip, "dual" (A < 0, r > c). A ratio outside the band whose advantage points back
+    into it keeps its gradient and is in no side. The sides never overlap."""
+    sides = {"low": (advantages < 0) & (ratio < 1 - eps_low), "high": (advantages > 0) & (ratio > 1 + eps_high)}
+    if dual_clip_c is not None:
+        sides["dual"] = (advantages < 0) & (ratio > dual_clip_c)
+    return sides
+
+
 def sapo_objective(ratio: torch.Tensor, advantages: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return sapo_gate(ratio, tau) * advantages
 

@@ -160,19 +160,14 @@ def _sapo_metrics(ratio: torch.Tensor, tau: torch.Tensor, mask: torch.Tensor) ->
     return {
         "gate_mean": masked_mean(gates.sapo_gate(ratio, tau), mask),
         "grad_weight_mean": masked_mean(weight, mask),
-        "attenuated_frac": _masked_fraction(weight < 0.5, mask),
+        "attenuated_frac": _masked_fraction(weight < gates.ATTENUATED_BELOW, mask),
     }
 
 
 def _clip_metrics(ratio, advantages, mask, cfg: LossConfig) -> dict[str, torch.Tensor]:
     """Fractions of tokens whose gradient the hard clip removes, by which side of the band."""
-    metrics = {
-        "clip_frac_low": _masked_fraction((advantages < 0) & (ratio < 1 - cfg.eps_low), mask),
-        "clip_frac_high": _masked_fraction((advantages > 0) & (ratio > 1 + cfg.eps_high), mask),
-    }
-    if cfg.dual_clip_c is not None:
-        metrics["clip_frac_dual"] = _masked_fraction((advantages < 0) & (ratio > cfg.dual_clip_c), mask)
-    return metrics
+    sides = gates.clip_sides(ratio, advantages, cfg.eps_low, cfg.eps_high, cfg.dual_clip_c)
+    return {f"clip_frac_{side}": _masked_fraction(flags, mask) for side, flags in sides.items()}
 
 
 def _validate(logprobs, old_logprobs, advantages, mask, cfg, normalizer, ref_logprobs, entropy,

@@ -34,6 +34,9 @@ SHORT = ["--set", "rollout.prompts_per_step=8", "--set", "train.micro_batch_size
          "--set", "logging.histogram_every=2"]
 
 
+DIAGNOSTICS_TOKENS, DIAGNOSTICS_SEQUENCES = 100, 40
+
+
 def train(config: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "megatron_sapo.cli", "train", str(REPO / config), "--output", str(out), *SHORT, *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -57,7 +60,10 @@ def from_start_model(straight: Path, folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight")
-    train("examples/tiny_cpu/sapo.toml", out, "--steps", "4", "--save-every", "2")
+    # Diagnostics budgets below a step's ~250 response tokens and 64 sequences: the run samples.
+    train("examples/tiny_cpu/sapo.toml", out, "--steps", "4", "--save-every", "2",
+          "--set", f"logging.diagnostics_tokens={DIAGNOSTICS_TOKENS}",
+          "--set", f"logging.diagnostics_sequences={DIAGNOSTICS_SEQUENCES}")
     return out
 
 
@@ -78,6 +84,45 @@ def test_outputs(straight):
     assert (straight / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert (straight / "checkpoints" / "step_00000002").is_dir()
     assert list((straight / "logs").glob("sglang-*.log"))
+
+
+def test_diagnose_the_run(straight, tmp_path):
+    """The run stored its histogram steps' samples (steps 2 and 4) within their size bound, with
+    exact counts; `megatron-sapo diagnose` writes the figures, and its statistics are those of
+    the stored samples."""
+    import numpy as np
+
+    from megatron_sapo.analysis.diagnose import diagnose_run
+    from megatron_sapo.run_diagnostics import size_bound, stored_steps
+
+    stored = stored_steps(straight)
+    assert list(stored) == [2, 4]
+    rows = {r["step"]: r for r in metrics(straight)}
+    result = diagnose_run(straight, tmp_path / "diagnose", steps=[2, 4])
+    for summary, path in zip(result.steps, stored.values()):
+        assert path.stat().st_size <= size_bound(DIAGNOSTICS_TOKENS, DIAGNOSTICS_SEQUENCES)
+        raw = torch.load(path, weights_only=True)
+        counts, sample = raw["counts"], {k: v.double().numpy() for k, v in raw["sample"].items()}
+        # Every response token of the step is counted: 4 minibatches of `tokens` each.
+        assert counts["tokens"] == pytest.approx(4 * rows[summary.step]["tokens"])
+        assert counts["sequences"] == 64 and counts["tokens"] > DIAGNOSTICS_TOKENS
+        assert (summary.sampled_tokens, summary.sampled_sequences) == (DIAGNOSTICS_TOKENS, DIAGNOSTICS_SEQUENCES)
+        assert raw["loss"]["name"] == summary.loss == "sapo"
+        assert summary.tokens_engaged_frac == counts["tokens_engaged"] / counts["tokens"]
+        assert summary.sequences_engaged_frac == counts["sequences_engaged"] / counts["sequences"]
+        ratio, var = sample["token_ratio"], sample["seq_log_ratio_var"]
+        gap, bound = sample["seq_gate_gap"], sample["seq_gap_bound"]
+        assert summary.ratio_mean == pytest.approx(ratio.mean(), rel=1e-9)
+        assert summary.ratio_p50 == pytest.approx(np.median(ratio), rel=1e-9)
+        assert summary.ratio_p99 == pytest.approx(np.quantile(ratio, 0.99), rel=1e-9)
+        assert summary.var_mean == pytest.approx(var.mean(), rel=1e-9)
+        assert summary.gap_max == pytest.approx(gap.max(), rel=1e-9)
+        assert summary.bound_holds_frac == np.mean(gap <= bound) == 1.0
+        assert np.any(ratio != 1.0), "the updates moved no ratio: the histograms show nothing"
+    text = result.markdown.read_text()
+    assert "Gate engaged (sapo): attenuated" in text and "| 4 |" in text
+    for png in (result.ratios_png, result.gate_gap_png):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):

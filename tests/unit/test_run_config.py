@@ -117,6 +117,8 @@ def test_unknown_keys_and_sections_name_the_file_and_suggest(tmp_path):
         ("rollout", 'servers = "a:1"', "rollout.servers must be a list of strings, got 'a:1'"),
         ("rollout", "servers = [1]", "rollout.servers[0] must be a string, got 1"),
         ("logging", "tensorboard = 1", "logging.tensorboard must be true or false, got 1"),
+        ("logging", "diagnostics_tokens = 0", "logging.diagnostics_tokens must be an integer >= 1, got 0"),
+        ("logging", "diagnostics_sequences = -1", "logging.diagnostics_sequences must be an integer >= 1, got -1"),
         ("loss", "name = 3", "loss.name must be one of 'sapo', 'grpo', 'gspo', got 3"),
         ("parallel", 'recompute_num_layers = "2"', "parallel.recompute_num_layers must be an integer, got '2'"),
     ],
