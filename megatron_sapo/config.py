@@ -281,6 +281,8 @@ VISION_BUILTIN_MODELS: tuple[str, ...] = ("tiny-qwen3-vl-moe",)
 """The built-in models that read images."""
 ParamsDtype = Literal["fp32", "bf16"]
 PARAMS_DTYPES: tuple[str, ...] = get_args(ParamsDtype)
+SERVED_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+"""SGLang's ``--dtype`` for each ``model.params_dtype``: servers hold the weights as trained."""
 TransformerImpl = Literal["auto", "local", "transformer_engine"]
 TRANSFORMER_IMPLS: tuple[str, ...] = get_args(TransformerImpl)
 RolloutMode = Literal["colocated", "disaggregated"]

@@ -105,7 +105,7 @@ def evaluate(cfg, model: Path, out: Path) -> dict[str, float]:
     from megatron_sapo.rollout.client import RolloutClient
     from megatron_sapo.rollout.manager import ServerManager
     from megatron_sapo.rollout.server import ServerOptions
-    from megatron_sapo.training.setup import SERVED_DTYPES
+    from megatron_sapo.config import SERVED_DTYPES
 
     torchvision_compat.ensure_importable()
     from transformers import AutoProcessor, AutoTokenizer

@@ -38,7 +38,7 @@ from megatron_sapo import run_diagnostics
 from megatron_sapo.algo import group_advantages
 from megatron_sapo.algo.correction import correction_metrics, correction_sums, rollout_correction
 from megatron_sapo.algo.diagnostics import gate_records
-from megatron_sapo.config import RunConfig
+from megatron_sapo.config import SERVED_DTYPES, RunConfig
 from megatron_sapo.config_file import dump_config
 from megatron_sapo.data.rewards import RewardScores
 from megatron_sapo.eval_sets import LoadedSet, evaluate_set, load_sets
@@ -558,7 +558,6 @@ def start_rollout(cfg: RunConfig, out_dir: Path, start_model: Path, policy: Poli
     from megatron_sapo.parallel.ports import free_port
     from megatron_sapo.rollout.server import ServerOptions
     from megatron_sapo.run_log import RunLog
-    from megatron_sapo.training.setup import SERVED_DTYPES
     from megatron_sapo import torchvision_compat
 
     torchvision_compat.ensure_importable()

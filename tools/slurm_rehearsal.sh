@@ -7,26 +7,25 @@
 # the last ROLLOUT_NODES nodes serve rollouts (`megatron-sapo serve`), the others train
 # (data-parallel ranks found through srun's variables), and weights are broadcast from the
 # trainer to the server on the other node (rollout.weight_sync = "distributed"). Then:
-#   - the rollout node's server is killed in the middle of a step: serve_node.sh starts it
+#   - the rollout node's server is killed in the middle of step 2: serve_node.sh starts it
 #     again, the trainer waits for it, syncs it the current weights and samples again what it
 #     lost;
-#   - the job gets the SIGUSR1 of a coming time limit: the trainer stops after its step with a
-#     checkpoint, the job requeues itself, and the restart resumes from that checkpoint;
+#   - meanwhile the job gets the SIGUSR1 of a coming time limit: the trainer stops after step 2
+#     with a checkpoint, the job requeues itself, and the restart resumes from that checkpoint;
 #   - the same job runs again, uninterrupted, and every metric of every step of the
 #     interrupted run must equal the uninterrupted one's; metrics.jsonl holds every step once.
 # The last line printed is one JSON object: nodes, train_nodes, rollout_nodes, steps, requeued,
 # resumed_from, seconds. Needs root (packages, namespaces, munge, daemons); docs/slurm.md.
 #
 #   bash tools/slurm_rehearsal.sh                     # about 5 minutes on 2 cores
-#   NODES=4 ROLLOUT_NODES=2 STEPS=6 KEEP_SLURM=1 bash tools/slurm_rehearsal.sh
+#   NODES=4 ROLLOUT_NODES=2 STEPS=5 KEEP_SLURM=1 bash tools/slurm_rehearsal.sh
 #
 # Environment (defaults in brackets):
 #   REHEARSAL_DIR    config, daemon state and logs, the runs [/tmp/megatron-sapo-slurm]; emptied first
 #   NODES            nodes of the cluster and of the job [3]
 #   ROLLOUT_NODES    nodes of the job that serve rollouts [1]; the others train, one rank each
-#   STEPS            RL steps of the job [4]
-#   KILL_AFTER       kill the rollout server once the checkpoint of this step exists [1]; 0: never
-#   REQUEUE_AFTER    send SIGUSR1 once the checkpoint of this step exists [2]
+#   STEPS            RL steps of the job [3]
+#   KILL_AFTER       kill the rollout server, then signal the job, in the step after this one [1]
 #   JOB_SETS         config overrides that shorten the demo [see below]
 #   SUBNET           the first three octets of the cluster's /24 [10.231.0]; must be unused here
 #   SLURMCTLD_PORT, SLURMD_PORT   [6817, 6818]
@@ -42,9 +41,8 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WORK=$(realpath -m "${REHEARSAL_DIR:-/tmp/megatron-sapo-slurm}")
 NODES=${NODES:-3}
 ROLLOUT_NODES=${ROLLOUT_NODES:-1}
-STEPS=${STEPS:-4}
+STEPS=${STEPS:-3}
 KILL_AFTER=${KILL_AFTER:-1}
-REQUEUE_AFTER=${REQUEUE_AFTER:-2}
 # Few prompts, short answers, no evaluation or histograms: the rehearsal checks the launch and
 # the recoveries, not the learning. The cold start stays the demo's, so that rewards vary and
 # every step really changes the weights (what the comparison with the straight run needs).
@@ -305,18 +303,21 @@ wait_for_job() {  # polled each second (sbatch --wait polls ever more rarely, up
 run_interrupted() {
   local run_dir=$WORK/runs/rehearsal
   submit rehearsal
-  if (( KILL_AFTER )); then
-    wait_for_checkpoint "$run_dir" "$KILL_AFTER"
-    kill_rollout_server "$run_dir"
-  fi
-  wait_for_checkpoint "$run_dir" "$REQUEUE_AFTER"
-  # What #SBATCH --signal=B:USR1@T sends before the time limit: the launcher has the trainer
-  # stop after its step, with a checkpoint, then requeues the job itself.
-  say "checkpoint of step $(checkpoint_step "$run_dir") saved: SIGUSR1 to job $job_id's batch shell"
+  wait_for_checkpoint "$run_dir" "$KILL_AFTER"
+  kill_rollout_server "$run_dir"
+  until grep -q "rollout server http://$(node_name "$NODES"):[0-9]* is not answering" "$job_log" 2> /dev/null; do
+    job_running || fail "job $job_id ended ($(job_state)) before the trainer noticed the killed server"
+    (( SECONDS < deadline )) || fail "the trainer did not notice the killed server; see $job_log"
+    sleep 1
+  done
+  # The step under way waits for the server. What #SBATCH --signal=B:USR1@T sends before the
+  # time limit: the launcher has the trainer stop after this step, with a checkpoint, then
+  # requeues the job itself.
+  say "the trainer waits for the server: SIGUSR1 to job $job_id's batch shell"
   scancel --signal=USR1 --batch "$job_id"
   # A requeued job may start again only some time later (its begin time is pushed about two
   # minutes ahead); bring it forward so the rehearsal does not wait.
-  until [[ $(job_field JobState) == PENDING ]]; do
+  until [[ $(job_state) == PENDING ]]; do
     (( SECONDS < deadline )) || fail "job $job_id not back in the queue after the requeue"
     sleep 1
   done
@@ -327,9 +328,9 @@ run_interrupted() {
 }
 
 run_straight() {
-  # The same start model (its cold start is the slowest part of a job's start).
+  # The same start model, converted (its cold start is the slowest part of a job's start).
   mkdir -p "$WORK/runs/straight"
-  cp -r "$WORK/runs/rehearsal/start_model" "$WORK/runs/straight/start_model"
+  cp -r "$WORK/runs/rehearsal/start_model" "$WORK/runs/rehearsal/mcore" "$WORK/runs/straight/"
   submit straight
   wait_for_job
   say "job $job_id (uninterrupted) finished"
@@ -348,16 +349,14 @@ check_results() {
   grep -q 'stopped by the STOP file: latest checkpoint' "$interrupted_log" \
     || fail "the trainer did not report stopping with a checkpoint; see $interrupted_log"
   resumed=$(grep -o 'resuming from checkpoint step_[0-9]*' "$interrupted_log" || true)
-  [[ $resumed =~ step_0*([0-9]+)$ ]] && (( BASH_REMATCH[1] >= REQUEUE_AFTER && BASH_REMATCH[1] < STEPS )) \
-    || fail "the restarted job did not resume from a checkpoint of step $REQUEUE_AFTER..$((STEPS - 1)) ('$resumed')"
+  [[ $resumed =~ step_0*([0-9]+)$ ]] && (( BASH_REMATCH[1] == KILL_AFTER + 1 )) \
+    || fail "the restarted job did not resume from the checkpoint of step $((KILL_AFTER + 1)) ('$resumed')"
   resumed_from=${BASH_REMATCH[1]}
-  if (( KILL_AFTER )); then
-    grep -q "serve_node: the server on $(node_name "$NODES"):[0-9]* exited (status [0-9]*); restart 1" \
-      "$WORK/runs/rehearsal/slurm/attempt-0/serve-$(node_name "$NODES").log" \
-      || fail "serve_node.sh did not restart the killed server; see $WORK/runs/rehearsal/slurm/attempt-0/"
-    grep -q "rollout server http://$(node_name "$NODES"):[0-9]* answers again" "$interrupted_log" \
-      || fail "the trainer did not wait for the restarted server; see $interrupted_log"
-  fi
+  grep -q "serve_node: the server on $(node_name "$NODES"):[0-9]* exited (status [0-9]*); restart 1" \
+    "$WORK/runs/rehearsal/slurm/attempt-0/serve-$(node_name "$NODES").log" \
+    || fail "serve_node.sh did not restart the killed server; see $WORK/runs/rehearsal/slurm/attempt-0/"
+  grep -q "rollout server http://$(node_name "$NODES"):[0-9]* answers again" "$interrupted_log" \
+    || fail "the trainer did not wait for the restarted server; see $interrupted_log"
   "$repo/.venv/bin/python" "$repo/tools/slurm/compare_metrics.py" "$WORK/runs/straight/metrics.jsonl" \
     "$WORK/runs/rehearsal/metrics.jsonl" --steps "$STEPS" || fail "the interrupted run differs from the straight one"
   say "job $interrupted_job: COMPLETED after 1 requeue, resumed from step $resumed_from; every step equals the" \
@@ -367,8 +366,8 @@ check_results() {
 main() {
   (( EUID == 0 )) || fail "run as root: it installs packages, creates network namespaces and starts the daemons"
   (( NODES - ROLLOUT_NODES >= 1 && ROLLOUT_NODES >= 1 )) || fail "NODES=$NODES, ROLLOUT_NODES=$ROLLOUT_NODES"
-  (( KILL_AFTER < REQUEUE_AFTER && REQUEUE_AFTER < STEPS )) \
-    || fail "need KILL_AFTER < REQUEUE_AFTER < STEPS (got $KILL_AFTER, $REQUEUE_AFTER, $STEPS)"
+  (( 1 <= KILL_AFTER && KILL_AFTER + 1 < STEPS )) \
+    || fail "need 1 <= KILL_AFTER < STEPS - 1 (got KILL_AFTER=$KILL_AFTER, STEPS=$STEPS)"
   # A cluster left by an earlier rehearsal (KEEP_SLURM=1) goes first.
   for file in "$STATE"/slurmd-*.pid "$STATE/slurmctld.pid"; do
     stop_pidfile "$file"
@@ -390,4 +389,4 @@ main() {
     "$NODES" "$((NODES - ROLLOUT_NODES))" "$ROLLOUT_NODES" "$STEPS" 1 "$resumed_from" "$((SECONDS - started))"
 }
 
-main
+main "$@"; exit  # one line: bash reads no further, even if this file changes meanwhile

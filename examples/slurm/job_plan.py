@@ -27,7 +27,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 
-from megatron_sapo.config import ConfigError, RunConfig
+from megatron_sapo.config import SERVED_DTYPES, ConfigError, RunConfig
 from megatron_sapo.config_file import load_config
 from megatron_sapo.parallel.launch import LaunchError, expand_nodelist
 
@@ -56,6 +56,9 @@ class JobPlan:
     """Port of a rollout host's first server; the others follow it."""
     return_routed_experts: bool
     """Servers must return the experts they routed to (train.routing_replay = "r3")."""
+    server_dtype: str
+    """The dtype servers load the weights in: the trained one (model.params_dtype), as the
+    trainer's own colocated servers do, so train and rollout log-probs agree."""
     tp: int
     pp: int
     ep: int
@@ -85,6 +88,7 @@ class JobPlan:
             "SERVER_ADDRESSES": " ".join(self.servers),
             "SERVERS_TOML": "[" + ", ".join(f'"{s}"' for s in self.servers) + "]",
             "RETURN_ROUTED_EXPERTS": int(self.return_routed_experts),
+            "SERVER_DTYPE": self.server_dtype,
             "MODEL_TP": self.tp,
             "MODEL_PP": self.pp,
             "MODEL_EP": self.ep,
@@ -128,6 +132,7 @@ def plan_job(cfg: RunConfig, hosts: list[str], *, rollout_nodes: int, gpus_per_n
                    data_parallel=data_parallel,
                    server_tp=cfg.rollout.server_tp, servers_per_node=servers_per_node if rollout_hosts else 0,
                    server_port=server_port, return_routed_experts=cfg.train.routing_replay == "r3",
+                   server_dtype=SERVED_DTYPES[cfg.model.params_dtype],
                    tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep, hf_dir=cfg.model.hf_dir)
 
 

@@ -243,7 +243,7 @@ convert_checkpoint() {
 start_servers() {
   [[ $ROLLOUT_MODE == disaggregated ]] || return 0
   [[ -n $HF_DIR ]] || die "disaggregated rollout needs an HF checkpoint to serve (HF_MODEL or model.hf_dir)"
-  local host step flags=()
+  local host step flags=(--dtype "$SERVER_DTYPE")
   (( RETURN_ROUTED_EXPERTS )) && flags+=(--return-routed-experts)
   for host in $ROLLOUT_HOSTS; do
     log "starting the servers of $host"

@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # annotations only: the families are imported when a config a
     from megatron_sapo.models.qwen3_vl import Qwen3VLSpec
 
 PARAMS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SERVED_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def prepare_start_model(cfg: RunConfig, out_dir: Path) -> Path:

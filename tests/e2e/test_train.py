@@ -161,19 +161,8 @@ def test_sigterm_or_stop_file_ends_the_run_after_the_step_with_a_checkpoint(stra
     for log in (out / "logs").glob("sglang-*.log"):  # the server went down with the trainer
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", int(log.stem.split("-")[1])), timeout=5)
-
-    # Resumed, then stopped with the file: exit status 0, the file consumed.
-    with open(tmp_path / "stderr2.txt", "w") as stderr:
-        proc = start_and_wait_for_step([*cmd, "--resume"], out, last + 1, stderr)
-        (out / "STOP").touch()
-        proc.wait(timeout=600)
-    err = (tmp_path / "stderr2.txt").read_text()
-    assert proc.returncode == 0, err[-3000:]
-    steps = [r["step"] for r in metrics(out)]
-    assert steps == list(range(1, steps[-1] + 1)) and last < steps[-1] < 20
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{steps[-1]:08d}"
-    assert "stopped by the STOP file: latest checkpoint" in err
-    assert not (out / "STOP").exists()
+    # The STOP file and the resume after it: test_bounded_staleness_and_dynamic_sampling_resume_exactly
+    # (and, through SLURM's SIGUSR1, the rehearsal in test_slurm_scripts.py).
 
 
 REWARD_PLUGIN = """
@@ -213,9 +202,12 @@ def test_bounded_staleness_and_dynamic_sampling_resume_exactly(straight, tmp_pat
         proc = start_and_wait_for_step(cmd, out, 1, stderr)
         (out / "STOP").touch()
         proc.wait(timeout=600)
-    assert proc.returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 0, err[-3000:]
     stopped_after = metrics(out)[-1]["step"]
     assert stopped_after < 4, "the run ended before the STOP file could stop it"
+    assert f"stopped by the STOP file: latest checkpoint {out / 'checkpoints' / f'step_{stopped_after:08d}'}" in err
+    assert not (out / "STOP").exists()  # consumed: the resumed run is not stopped by it again
     assert (out / "checkpoints" / f"step_{stopped_after:08d}" / "rollout_pipeline.pt").is_file()
     train(str(config), out, *ahead, "--resume")
     resumed = metrics(out)
