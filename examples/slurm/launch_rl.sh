@@ -201,7 +201,7 @@ prepare_start_model() {
     HF_DIR=$RUN_DIR/start_model
     return
   fi
-  log "built-in model: writing its start model (cold start included) for the rollout nodes to serve"
+  log "built-in model: its start model (written once, cold start included) is what the rollout nodes serve"
   HF_DIR=$("${cmd[@]}" | tail -n 1)
   [[ -f $HF_DIR/config.json ]] || die "megatron-sapo train --prepare-only wrote no checkpoint ('$HF_DIR')"
   log "start model: $HF_DIR"
