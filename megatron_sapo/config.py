@@ -326,6 +326,33 @@ def _check_server_address(key: str, value: object) -> None:
 
 
 @dataclass
+class BuiltinModelConfig:
+    """Changes to the built-in text model's config.json (``[model.builtin_config]``, or
+    ``--set 'model.builtin_config={num_experts = 16}'``): a wider MoE whose routes flip more
+    easily between the rollout and the update. Unset fields keep the built-in model's values
+    (``models/tiny.py``: 4 layers, 4 experts, top-2)."""
+
+    num_experts: int | None = None
+    """Routed experts per MoE layer (>= 2)."""
+    num_experts_per_tok: int | None = None
+    """Experts each token is routed to (top-k; at most num_experts)."""
+    num_hidden_layers: int | None = None
+    """Decoder layers (>= 1)."""
+
+    def __post_init__(self) -> None:
+        _check_optional_int("model.builtin_config.num_experts", self.num_experts, 2)
+        _check_optional_int("model.builtin_config.num_experts_per_tok", self.num_experts_per_tok, 1)
+        _check_optional_int("model.builtin_config.num_hidden_layers", self.num_hidden_layers, 1)
+        if None not in (self.num_experts, self.num_experts_per_tok) and self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(f"model.builtin_config.num_experts_per_tok = {self.num_experts_per_tok} exceeds "
+                              f"model.builtin_config.num_experts = {self.num_experts}")
+
+    def overrides(self) -> dict[str, int]:
+        """The fields that are set, as config.json keys and values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
 class ModelConfig:
     """The policy model: a Hugging Face checkpoint folder, or a built-in model made from a config."""
 
@@ -335,6 +362,9 @@ class ModelConfig:
     """Name of a model built from a config with no download ("tiny-qwen3-moe", or the
     vision-language "tiny-qwen3-vl-moe"); it is saved, with the tiny character tokenizer (and
     the image processor), into the run's output folder."""
+    builtin_config: BuiltinModelConfig | None = None
+    """Changes to the config of the built-in text model ("tiny-qwen3-moe"), e.g. more experts;
+    unset: the model as it is. The run's ``start_model/config.json`` holds the result."""
     params_dtype: ParamsDtype = "bf16"
     """Precision of the trained parameters ("fp32" for CPU demos, "bf16" on GPUs)."""
     transformer_impl: TransformerImpl = "auto"
@@ -349,6 +379,12 @@ class ModelConfig:
         _check_text("model.hf_dir", self.hf_dir, optional=True)
         if self.builtin is not None:
             _check_choice("model.builtin", self.builtin, BUILTIN_MODELS)
+        if self.builtin_config is not None:
+            if not isinstance(self.builtin_config, BuiltinModelConfig):
+                raise ConfigError(f"model.builtin_config must be a table, got {self.builtin_config!r}")
+            if self.builtin is None or self.builtin in VISION_BUILTIN_MODELS:
+                raise ConfigError(f"model.builtin_config changes the built-in text model; it needs model.builtin = "
+                                  f"\"tiny-qwen3-moe\", not {self.builtin or self.hf_dir!r}")
         _check_choice("model.params_dtype", self.params_dtype, PARAMS_DTYPES)
         _check_choice("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
 

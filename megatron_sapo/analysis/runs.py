@@ -33,9 +33,11 @@ TENSORBOARD_DIR = "tensorboard"
 
 REWARD = "reward_mean"
 PASS_AT_1 = "pass_at_1"
+ENTROPY = "entropy"
+RATIO_MAX = "ratio_max"
 METRIC_KEYS: tuple[str, ...] = (
-    REWARD, "reward_std", "loss", PASS_AT_1, "gate_mean", "attenuated_frac", "clip_frac", "entropy", "kl_old",
-    "grad_norm", "response_length_mean", "logprob_mismatch", "replay_agreement",
+    REWARD, "reward_std", "loss", PASS_AT_1, "gate_mean", "attenuated_frac", "clip_frac", ENTROPY, "kl_old",
+    "grad_norm", "response_length_mean", "logprob_mismatch", "replay_agreement", RATIO_MAX,
 )
 
 

@@ -4,18 +4,33 @@ Runs are labelled by algorithm (SAPO, GSPO, GRPO, GRPO-R2, GRPO-R3; SAPO runs wh
 temperatures differ from the defaults carry them), or by labels the user gives. Runs sharing a
 label are seeds of one configuration: their curves are averaged on the steps every one of them
 logged (so the mean never mixes different sets of runs), with the minimum and maximum as a
-band. A run's collapse is the first step where its reward, averaged over the trailing
-``smooth`` steps (trailing, so a step is judged by what came before it), falls more than
-``collapse_drop`` (in reward units) below the best smoothed reward seen so far.
+band.
+
+Collapse (``detect_collapse``) is judged on a curve smoothed by a trailing mean over ``smooth``
+logged steps (trailing, so a step is judged by what came before it), of one of two kinds:
+
+* "reward": at step t the smoothed reward is more than ``drop`` below the best smoothed reward
+  up to t, *and stays there*: no later smoothed value comes back within ``drop`` of that best,
+  up to the end of the run, and at least ``hold`` logged steps (t included) remain. A dip that
+  recovers is not a collapse, nor is a fall in the last ``hold - 1`` steps (too short to tell).
+* "entropy": the smoothed policy entropy (``entropy``, the mean per-token entropy the loss
+  logs) falls below ``entropy_frac`` of its early value (the mean of its first ``smooth``
+  logged values) and stays below it to the end of the run, again for at least ``hold`` steps.
+  A policy that has learned a task well is also nearly deterministic, so read this kind with
+  the reward: it flags the policy ceasing to explore, whatever the reward does.
+
+The collapse step is the first t of either kind (on a tie, "reward"). A label's row reports
+each of its seeds' collapses (``run_collapses``), and the collapse of its mean curve.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-from megatron_sapo.analysis.runs import PASS_AT_1, REWARD, Curve, Run
+from megatron_sapo.analysis.runs import ENTROPY, PASS_AT_1, RATIO_MAX, REWARD, Curve, Run
 from megatron_sapo.config import LossConfig
 from megatron_sapo.errors import InputError
 
@@ -66,11 +81,62 @@ def trailing_mean(values: np.ndarray, window: int) -> np.ndarray:
     return (sums[ends] - sums[starts]) / (ends - starts)
 
 
-def collapse_step(steps: np.ndarray, reward: np.ndarray, drop: float, smooth: int) -> int | None:
-    """First step whose smoothed reward is more than ``drop`` below the running best; None if none."""
+CollapseKind = Literal["reward", "entropy"]
+
+
+@dataclass(frozen=True)
+class Collapse:
+    """Where and how a run collapsed."""
+
+    step: int
+    """The first step of the collapse."""
+    kind: CollapseKind
+    """"reward" (fell and stayed ``drop`` below its best) or "entropy" (fell and stayed below
+    ``entropy_frac`` of its early value)."""
+
+    def __str__(self) -> str:
+        return f"step {self.step} ({self.kind})"
+
+
+def reward_collapse_step(steps: np.ndarray, reward: np.ndarray, drop: float, smooth: int, hold: int) -> int | None:
+    """First step whose smoothed reward is more than ``drop`` below the best smoothed reward so
+    far and never comes back within ``drop`` of that best, with ``hold`` or more steps left
+    (that one included); None if none."""
     smoothed = trailing_mean(reward, smooth)
-    fallen = np.nonzero(np.maximum.accumulate(smoothed) - smoothed > drop)[0]
+    best_so_far = np.maximum.accumulate(smoothed)
+    best_from_here = np.maximum.accumulate(smoothed[::-1])[::-1]  # the highest value at or after each step
+    steps_left = np.arange(smoothed.size, 0, -1)
+    fallen = np.nonzero((best_so_far - best_from_here > drop) & (steps_left >= hold))[0]
     return int(steps[fallen[0]]) if fallen.size else None
+
+
+def entropy_collapse_step(steps: np.ndarray, entropy: np.ndarray, fraction: float, smooth: int,
+                          hold: int) -> int | None:
+    """First step whose smoothed entropy is below ``fraction`` of the mean of the first
+    ``smooth`` values and stays below it to the end, with ``hold`` or more steps left; None if
+    none (or if the early entropy is not positive)."""
+    early = float(entropy[:smooth].mean())
+    if not early > 0:
+        return None
+    smoothed = trailing_mean(entropy, smooth)
+    highest_from_here = np.maximum.accumulate(smoothed[::-1])[::-1]
+    steps_left = np.arange(smoothed.size, 0, -1)
+    fallen = np.nonzero((highest_from_here < fraction * early) & (steps_left >= hold))[0]
+    return int(steps[fallen[0]]) if fallen.size else None
+
+
+def detect_collapse(reward: Curve, entropy: Curve | None, drop: float, smooth: int, hold: int,
+                    entropy_frac: float) -> Collapse | None:
+    """The earlier of a reward and an entropy collapse (see the module docstring); None if neither."""
+    found = []
+    step = reward_collapse_step(reward.steps, reward.values, drop, smooth, hold)
+    if step is not None:
+        found.append(Collapse(step, "reward"))
+    if entropy is not None and entropy.steps.size:
+        step = entropy_collapse_step(entropy.steps, entropy.values, entropy_frac, smooth, hold)
+        if step is not None:
+            found.append(Collapse(step, "entropy"))
+    return min(found, key=lambda c: c.step) if found else None  # min keeps the first on ties: "reward"
 
 
 @dataclass(frozen=True)
@@ -85,10 +151,25 @@ class Summary:
     """Training reward (``reward_mean``) over steps."""
     pass_at_1: Band | None
     """Validation Pass@1 at evaluation steps; None without evaluations common to all runs."""
-    collapse_step: int | None
-    """First step of collapse (see the module docstring); None if the reward never collapsed."""
+    collapse: Collapse | None
+    """Collapse of this row's reward (mean over its runs) and entropy (likewise); None if none."""
+    run_collapses: tuple[Collapse | None, ...]
+    """Collapse of each run of ``runs``, judged on that run's own curves."""
     gate_and_clip: dict[str, float | None]
     """Mean of each of ``GATE_AND_CLIP_KEYS`` over all logged steps of all runs (None: not logged)."""
+    ratio_max: float | None
+    """The largest token ratio any update of any run logged (``ratio_max``; None: not logged)."""
+    tail_reward: tuple[float, float]
+    """Mean and standard deviation over the runs of each run's mean reward over its last fifth
+    of logged steps (at least one step)."""
+
+    @property
+    def collapse_step(self) -> int | None:
+        return None if self.collapse is None else self.collapse.step
+
+    @property
+    def collapsed_runs(self) -> int:
+        return sum(c is not None for c in self.run_collapses)
 
     @property
     def final_reward(self) -> float:
@@ -112,7 +193,8 @@ class Summary:
         return float(self.pass_at_1.mean[index]), int(self.pass_at_1.steps[index])
 
 
-def summarize(label: str, runs: list[Run], collapse_drop: float, smooth: int) -> Summary:
+def summarize(label: str, runs: list[Run], collapse_drop: float, smooth: int, hold: int,
+              entropy_frac: float) -> Summary:
     """One row from ``runs`` (seeds of one configuration, or a single run)."""
     reward = aggregate([run.metrics[REWARD] for run in runs])
     if reward is None:
@@ -120,14 +202,30 @@ def summarize(label: str, runs: list[Run], collapse_drop: float, smooth: int) ->
         raise InputError(f"{label}: the runs {folders} share no logged step, so their rewards cannot be averaged")
     with_eval = [run.metrics[PASS_AT_1] for run in runs if PASS_AT_1 in run.metrics]
     pass_at_1 = aggregate(with_eval) if len(with_eval) == len(runs) else None
+    with_entropy = [run.metrics[ENTROPY] for run in runs if ENTROPY in run.metrics]
+    entropy = aggregate(with_entropy) if len(with_entropy) == len(runs) else None
+    collapse = detect_collapse(Curve(reward.steps, reward.mean),
+                               None if entropy is None else Curve(entropy.steps, entropy.mean),
+                               collapse_drop, smooth, hold, entropy_frac)
+    ratios = [run.metrics[RATIO_MAX].values.max() for run in runs if RATIO_MAX in run.metrics]
+    tails = [tail_mean(run.metrics[REWARD].values) for run in runs]
     return Summary(
         label=label,
         runs=tuple(runs),
         reward=reward,
         pass_at_1=pass_at_1,
-        collapse_step=collapse_step(reward.steps, reward.mean, collapse_drop, smooth),
+        collapse=collapse,
+        run_collapses=tuple(detect_collapse(run.metrics[REWARD], run.metrics.get(ENTROPY), collapse_drop, smooth,
+                                            hold, entropy_frac) for run in runs),
         gate_and_clip={key: _mean_over_runs(runs, key) for key in GATE_AND_CLIP_KEYS},
+        ratio_max=float(max(ratios)) if ratios else None,
+        tail_reward=(float(np.mean(tails)), float(np.std(tails))),
     )
+
+
+def tail_mean(values: np.ndarray) -> float:
+    """Mean of the last fifth of ``values`` (at least one)."""
+    return float(values[-max(1, values.size // 5):].mean())
 
 
 def _mean_over_runs(runs: list[Run], key: str) -> float | None:

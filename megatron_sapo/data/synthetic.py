@@ -3,7 +3,8 @@
 A tiny random model has to learn the task within minutes on a CPU, and the RL phase has to
 improve on what a short supervised cold start left, so:
 
-* answers are short: at most 3 characters then EOS (4 tokens under the character tokenizer);
+* answers are short: at most 3 characters then EOS (4 tokens under the character tokenizer;
+  "tiny-reverse-long" below goes to 6);
 * difficulty is graded within one format (2 or 3 digits; one digit or two plus one), so a
   partly trained model has a reward between 0 and 1 rather than all or nothing;
 * the skill is a rule shared by all problems, so a policy-gradient step on some prompts helps
@@ -15,6 +16,13 @@ improve on what a short supervised cold start left, so:
   two-digit plus a one-digit number) needs addition facts that do not follow from one another;
   the same recipe left it near 0.05 (0.04 -> 0.07), so it serves tests and experiments, not
   the demo.
+
+"tiny-reverse-long" is the same rule on 3 to 6 digits (answers of 4-7 tokens with EOS), for the
+CPU stress regime (``examples/stress_cpu``): longer answers hold more tokens whose ratios can
+drift within one response. Measured the same way with the stress model (16 experts, top-2) and
+160 cold-start steps, the sampled reward on "train" prompts was 0.29, 0.43 and 0.35 (model
+seeds 0, 1, 2; 0.07 after 130 steps, 0.60 after 200), falling with the width (seed 0: 0.40,
+0.35, 0.26, 0.15 for 3, 4, 5, 6 digits).
 
 The image tasks (a vision-language model counting squares) live in ``synthetic_vl``; both
 are found by ``data.tasks.get_task``.
@@ -44,6 +52,21 @@ def reversal_problems() -> list[tuple[str, str]]:
     """("rev 407=", "704") for every string of 2 or 3 digits (1100 problems)."""
     digits = [str(n).zfill(width) for width in (2, 3) for n in range(10**width)]
     return [(f"rev {d}=", d[::-1]) for d in digits]
+
+
+LONG_REVERSAL_WIDTHS: tuple[int, ...] = (3, 4, 5, 6)
+LONG_REVERSAL_PER_WIDTH = 1000
+
+
+def long_reversal_problems() -> list[tuple[str, str]]:
+    """("rev 40719=", "91704") for 1000 strings of each width 3, 4, 5 and 6 (4000 problems):
+    every 3-digit string, and 1000 of each longer width drawn by a generator seeded with the
+    width, so the set is the same everywhere."""
+    problems = []
+    for width in LONG_REVERSAL_WIDTHS:
+        numbers = random.Random(width).sample(range(10**width), LONG_REVERSAL_PER_WIDTH)
+        problems += [(f"rev {d}=", d[::-1]) for d in (str(n).zfill(width) for n in sorted(numbers))]
+    return problems
 
 
 def addition_problems() -> list[tuple[str, str]]:
@@ -94,5 +117,6 @@ TASKS: dict[str, SyntheticTask] = {
     task.name: task for task in (
         SyntheticTask("tiny-reverse", reversal_problems),
         SyntheticTask("tiny-add", addition_problems),
+        SyntheticTask("tiny-reverse-long", long_reversal_problems),
     )
 }

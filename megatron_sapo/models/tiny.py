@@ -44,6 +44,17 @@ as MoE only)."""
 DEMO_QWEN3_MOE = {**TINY_QWEN3_MOE, **DEMO_OVERRIDES}
 
 
+def demo_config(**overrides) -> dict:
+    """The demo model's config.json with ``overrides`` (``model.builtin_config``) applied."""
+    from megatron_sapo.config import ConfigError
+
+    fields = {**DEMO_QWEN3_MOE, **overrides}
+    if fields["num_experts_per_tok"] > fields["num_experts"]:
+        raise ConfigError(f"model.builtin_config: {fields['num_experts_per_tok']} experts per token (top-k) exceed "
+                          f"the {fields['num_experts']} experts of the built-in model")
+    return fields
+
+
 def save_tiny_qwen3_moe(out_dir: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
     """Build a random Qwen3-MoE with transformers and ``save_pretrained`` it to ``out_dir``."""
     torchvision_compat.ensure_importable()
@@ -63,12 +74,14 @@ def save_tiny_qwen3_moe(out_dir: str | Path, seed: int = 0, dtype: torch.dtype =
     return out
 
 
-def save_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
+def save_demo_model(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
     """The CPU demo's model: the tiny Qwen3-MoE with no dense layer (SGLang serves Qwen3-MoE
-    layers as MoE only), fp32, saved with the tiny character tokenizer and its special tokens."""
+    layers as MoE only), fp32, saved with the tiny character tokenizer and its special tokens.
+    ``overrides`` replace fields of its config.json (``model.builtin_config``)."""
     from megatron_sapo.data.tiny_tokenizer import EOS_ID, PAD_ID, save_tiny_tokenizer
 
-    out = save_tiny_qwen3_moe(out_dir, seed=seed, dtype=torch.float32, **DEMO_OVERRIDES, eos_token_id=EOS_ID,
-                              pad_token_id=PAD_ID)
+    demo_config(**overrides)  # refuses a top-k above the number of experts
+    out = save_tiny_qwen3_moe(out_dir, seed=seed, dtype=torch.float32, **{**DEMO_OVERRIDES, **overrides},
+                              eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     save_tiny_tokenizer(out)
     return out

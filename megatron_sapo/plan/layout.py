@@ -104,15 +104,16 @@ class Layout:
         return getattr(self.spec, "text", self.spec)
 
 
-def builtin_hf_config(name: str) -> dict:
-    """config.json of a built-in model (``model.builtin``)."""
+def builtin_hf_config(name: str, overrides: dict | None = None) -> dict:
+    """config.json of a built-in model (``model.builtin``), with ``overrides``
+    (``model.builtin_config``, text model only) applied."""
     if name == "tiny-qwen3-vl-moe":
         from megatron_sapo.models.tiny_vl import TINY_QWEN3_VL_MOE
 
         return copy.deepcopy(TINY_QWEN3_VL_MOE)
-    from megatron_sapo.models.tiny import DEMO_QWEN3_MOE
+    from megatron_sapo.models.tiny import demo_config
 
-    return dict(DEMO_QWEN3_MOE)
+    return demo_config(**(overrides or {}))
 
 
 def read_model_config(cfg: RunConfig, hf_config: str | Path | None = None) -> tuple[dict, str]:
@@ -121,7 +122,9 @@ def read_model_config(cfg: RunConfig, hf_config: str | Path | None = None) -> tu
     import json
 
     if hf_config is None and cfg.model.builtin is not None:
-        return builtin_hf_config(cfg.model.builtin), f"model.builtin = {cfg.model.builtin!r}"
+        overrides = cfg.model.builtin_config.overrides() if cfg.model.builtin_config else {}
+        source = f"model.builtin = {cfg.model.builtin!r}" + (f" with {overrides}" if overrides else "")
+        return builtin_hf_config(cfg.model.builtin, overrides), source
     path = Path(hf_config) if hf_config is not None else Path(cfg.model.hf_dir) / "config.json"
     if not path.is_file():
         hint = "" if hf_config is not None else " (no checkpoint here? give its config.json with --hf-config)"

@@ -14,7 +14,9 @@ from megatron_sapo.analysis import compare_runs, read_run
 from megatron_sapo.analysis.compare import register
 from megatron_sapo.analysis.report import DPI, FIGURE_SIZE, plot_comparison
 from megatron_sapo.analysis.runs import RunFolderError
-from megatron_sapo.analysis.summary import collapse_step, trailing_mean
+from megatron_sapo.analysis.summary import (Collapse, detect_collapse, entropy_collapse_step, reward_collapse_step,
+                                            trailing_mean)
+from megatron_sapo.analysis.runs import Curve
 from megatron_sapo.config import DataConfig, LossConfig, ModelConfig, RunConfig, TrainConfig
 from megatron_sapo.config_file import dump_config
 
@@ -37,7 +39,7 @@ def rising(offset: float, last_step: int) -> list[dict]:
     for step in range(last_step + 1):
         reward = 0.1 + 0.01 * step + offset
         row = {"step": step, "reward_mean": reward, "reward_std": 0.1, "loss": 0.0,
-               "gate_mean": 0.9, "attenuated_frac": 0.1 + offset}
+               "gate_mean": 0.9, "attenuated_frac": 0.1 + offset, "ratio_max": 1.0 + 0.5 * (step // 10)}
         if step % 10 == 0:
             row["pass_at_1"] = reward / 2
         rows.append(row)
@@ -80,36 +82,110 @@ def test_labels_best_final_and_collapse(runs, tmp_path):
     text = result.markdown.read_text()
     by_label = table(text, "By label")
     assert list(by_label) == ["SAPO", "GRPO", "GRPO-R2", "GSPO", "SAPO (tau_pos=0.5, tau_neg=2)"]
-    # columns: seeds, final reward, best reward, final Pass@1, best Pass@1, collapse, gate mean, attenuated, clip
+    # columns: seeds, final reward, best reward, last-fifth reward, final Pass@1, best Pass@1, collapse of the
+    # mean curve, collapsed seeds, gate mean, attenuated, clip, largest ratio
     grpo = by_label["GRPO"]
-    assert grpo[:6] == ["1", "0.0000 (step 49)", "0.6000 (step 20)", "0.1000", "0.3000 (step 20)", "23"]
-    assert grpo[6:] == ["n/a", "n/a", "0.0500"]
+    # last fifth: steps 40..49, reward 0
+    assert grpo[:8] == ["1", "0.0000 (step 49)", "0.6000 (step 20)", "0.0000 ± 0.0000", "0.1000", "0.3000 (step 20)",
+                        "step 23 (reward)", "1/1"]
+    assert grpo[8:] == ["n/a", "n/a", "0.0500", "n/a"]
     sapo = by_label["SAPO"]
-    # Seeds averaged on the steps both logged (0..49): mean reward 0.1 + 0.01 * step.
-    assert sapo[:6] == ["2", "0.5900 (step 49)", "0.5900 (step 49)", "0.2500", "0.2500 (step 40)", "none"]
-    assert sapo[6:] == ["0.9000", "0.1018", "n/a"]  # attenuated: (50 * 0.08 + 60 * 0.12) / 110
-    assert by_label["GSPO"][3:6] == ["n/a", "n/a", "none"]
+    # Seeds averaged on the steps both logged (0..49): mean reward 0.1 + 0.01 * step. Last fifths: steps 40..49
+    # of seed 1 (mean 0.08 + 0.445) and 48..59 of seed 2 (0.12 + 0.535): 0.59 ± 0.065.
+    assert sapo[:8] == ["2", "0.5900 (step 49)", "0.5900 (step 49)", "0.5900 ± 0.0650", "0.2500", "0.2500 (step 40)",
+                        "none", "0/2"]
+    assert sapo[8:] == ["0.9000", "0.1018", "n/a", "3.5"]  # attenuated: (50 * 0.08 + 60 * 0.12) / 110
+    assert by_label["GSPO"][4:8] == ["n/a", "n/a", "none", "0/1"]
     by_run = table(text, "By run")
     assert list(by_run) == ["SAPO seed 1", "SAPO seed 2", "GRPO", "GRPO-R2", "GSPO", "SAPO (tau_pos=0.5, tau_neg=2)"]
-    assert by_run["SAPO seed 2"][0:4] == ["2", f"`{runs[1]}`", "0.7100 (step 59)", "0.7100 (step 59)"]
+    assert by_run["SAPO seed 2"][0:5] == ["2", f"`{runs[1]}`", "0.7100 (step 59)", "0.7100 (step 59)", "0.6550"]
+    assert by_run["GRPO"][7] == "step 23 (reward)" and by_run["SAPO seed 1"][7] == "none"
+    assert by_run["SAPO seed 2"][-1] == "3.5" and by_run["GRPO"][-1] == "n/a"
 
 
 def test_collapse_uses_the_trailing_mean(runs, tmp_path):
     # Smoothed over 3 steps the best is 0.575 (steps 18-20); the first smoothed value more than
-    # 0.2 below it is (0.39 + 0.32 + 0.25) / 3 = 0.32 at step 25.
+    # 0.2 below it is (0.39 + 0.32 + 0.25) / 3 = 0.32 at step 25, and the reward never rises again.
     result = compare_runs(runs[2:3], tmp_path / "out", smooth=3)
-    assert result.by_label[0].collapse_step == 25
+    assert result.by_label[0].collapse == Collapse(25, "reward")
     assert compare_runs(runs[2:3], tmp_path / "out", smooth=3, collapse_drop=0.3).by_label[0].collapse_step == 26
     assert compare_runs(runs[2:3], tmp_path / "out", smooth=3, collapse_drop=0.6).by_label[0].collapse_step is None
+    # It lasts to step 49, 25 steps: a hold of 26 steps is not met.
+    assert compare_runs(runs[2:3], tmp_path / "out", smooth=3, hold=25).by_label[0].collapse_step == 25
+    assert compare_runs(runs[2:3], tmp_path / "out", smooth=3, hold=26).by_label[0].collapse_step is None
 
 
 def test_trailing_mean_and_collapse_by_hand():
     values = np.array([1.0, 3.0, 5.0, 1.0, 0.0])
     np.testing.assert_allclose(trailing_mean(values, 2), [1.0, 2.0, 4.0, 3.0, 0.5])
     steps = np.array([10, 20, 30, 40, 50])
-    assert collapse_step(steps, values, drop=1.5, smooth=2) == 50  # 4.0 best, 3.0 then 0.5
-    assert collapse_step(steps, values, drop=1.5, smooth=1) == 40
-    assert collapse_step(steps, values, drop=5.0, smooth=1) is None
+    assert reward_collapse_step(steps, values, drop=1.5, smooth=2, hold=1) == 50  # 4.0 best, 3.0 then 0.5
+    assert reward_collapse_step(steps, values, drop=1.5, smooth=1, hold=1) == 40
+    assert reward_collapse_step(steps, values, drop=1.5, smooth=1, hold=2) == 40  # steps 40 and 50 stay low
+    assert reward_collapse_step(steps, values, drop=1.5, smooth=1, hold=3) is None  # too short to tell
+    assert reward_collapse_step(steps, values, drop=5.0, smooth=1, hold=1) is None
+
+
+STEPS = np.arange(40)
+
+
+def dip_then(after: float) -> np.ndarray:
+    """Reward rising 0.02 per step to 0.6 at step 15, down to 0.1 for steps 16-22, then ``after``."""
+    reward = np.minimum(0.3 + 0.02 * STEPS, 0.6)
+    reward[16:23] = 0.1
+    reward[23:] = after
+    return reward
+
+
+def test_a_dip_that_recovers_is_not_a_collapse():
+    # The old rule (first fall of 0.2 below the best) fired at step 16 here.
+    assert reward_collapse_step(STEPS, dip_then(0.55), drop=0.2, smooth=1, hold=5) is None
+    # Coming back to exactly the edge of the band is a recovery (within drop of the best) ...
+    assert reward_collapse_step(STEPS, dip_then(0.4 + 1e-9), drop=0.2, smooth=1, hold=5) is None
+    # ... staying just below it is not.
+    assert reward_collapse_step(STEPS, dip_then(0.39), drop=0.2, smooth=1, hold=5) == 16
+
+
+def test_a_drop_that_stays_is_a_collapse_at_its_first_step():
+    reward = np.minimum(0.3 + 0.02 * STEPS, 0.6)
+    reward[30:] = 0.05
+    assert reward_collapse_step(STEPS, reward, drop=0.2, smooth=1, hold=5) == 30
+    # Smoothed over 3 steps, the mean first falls more than 0.2 below 0.6 at step 31: (0.6 + 0.05 + 0.05) / 3.
+    assert reward_collapse_step(STEPS, reward, drop=0.2, smooth=3, hold=5) == 31
+    assert reward_collapse_step(STEPS + 100, reward, drop=0.2, smooth=1, hold=5) == 130  # steps, not indices
+    # A fall in the last hold - 1 steps is too short to call; at exactly hold steps it is called.
+    assert reward_collapse_step(STEPS, reward, drop=0.2, smooth=1, hold=11) is None
+    assert reward_collapse_step(STEPS, reward, drop=0.2, smooth=1, hold=10) == 30
+    # A higher peak later is a recovery of the earlier fall: the collapse is the last fall, not the first.
+    reward[10:15] = 0.0
+    assert reward_collapse_step(STEPS, reward, drop=0.2, smooth=1, hold=5) == 30
+
+
+def test_entropy_collapse_is_detected_and_named():
+    entropy = np.where(STEPS < 20, 1.5, 0.1)  # early 1.5; 0.1 < 0.1 * 1.5 from step 20 on
+    assert entropy_collapse_step(STEPS, entropy, fraction=0.1, smooth=1, hold=5) == 20
+    assert entropy_collapse_step(STEPS, entropy, fraction=0.05, smooth=1, hold=5) is None
+    entropy[30] = 1.0  # it comes back above the line once: it falls for good only at step 31
+    assert entropy_collapse_step(STEPS, entropy, fraction=0.1, smooth=1, hold=5) == 31
+    flat_reward = Curve(STEPS, np.full(40, 0.5))
+    assert detect_collapse(flat_reward, Curve(STEPS, entropy), drop=0.2, smooth=1, hold=5,
+                           entropy_frac=0.1) == Collapse(31, "entropy")
+    assert detect_collapse(flat_reward, None, drop=0.2, smooth=1, hold=5, entropy_frac=0.1) is None
+    # Both kinds: the earlier is reported.
+    falling = Curve(STEPS, np.where(STEPS < 25, 0.6, 0.1))
+    assert detect_collapse(falling, Curve(STEPS, entropy), 0.2, 1, 5, 0.1) == Collapse(25, "reward")
+    assert detect_collapse(Curve(STEPS, np.where(STEPS < 35, 0.6, 0.1)), Curve(STEPS, entropy), 0.2, 1, 5,
+                           0.1) == Collapse(31, "entropy")
+    assert str(Collapse(31, "entropy")) == "step 31 (entropy)"
+
+
+def test_entropy_collapse_in_the_comparison(tmp_path):
+    rows = [{"step": int(s), "reward_mean": 0.5, "entropy": 1.5 if s < 20 else 0.1} for s in STEPS]
+    folder = write_run(tmp_path / "sapo", rows=rows)
+    result = compare_runs([folder], tmp_path / "out", smooth=1)
+    assert result.by_label[0].collapse == Collapse(20, "entropy")
+    assert table(result.markdown.read_text(), "By run")["SAPO"][7] == "step 20 (entropy)"
+    assert compare_runs([folder], tmp_path / "out", smooth=1, entropy_frac=0.05).by_label[0].collapse is None
 
 
 def test_seed_aggregation_band(runs, tmp_path):
@@ -131,10 +207,14 @@ def test_png_has_two_panels_with_a_line_per_label(runs, tmp_path):
     figure = plot_comparison(result.by_label)
     reward_axes, pass_axes = figure.axes
     assert (reward_axes.get_title(), pass_axes.get_title()) == ("Training reward", "Validation Pass@1")
-    assert reward_axes.get_legend_handles_labels()[1] == [row.label for row in result.by_label]
+    labels = [row.label + (" (1/1 collapsed)" if row.label == "GRPO" else "") for row in result.by_label]
+    assert reward_axes.get_legend_handles_labels()[1] == labels
     # GSPO logged no evaluation, so the Pass@1 panel has a line for the four other labels.
     assert len([line for line in pass_axes.get_lines() if not line.get_label().startswith("_")]) == 4
     assert [line.get_xdata()[0] for line in reward_axes.get_lines() if line.get_linestyle() == ":"] == [23]
+    crosses = [line for line in reward_axes.get_lines() if line.get_marker() == "x"]
+    assert [list(line.get_xdata()) for line in crosses] == [[23]]  # GRPO's one seed, on its mean line
+    np.testing.assert_allclose(crosses[0].get_ydata(), [0.6 - 0.07 * 3])
 
 
 def test_given_labels_group_runs_as_seeds(runs, tmp_path):

@@ -56,14 +56,30 @@ def test_unknown_task_lists_the_known_ones():
         get_task("tiny-reverse").records("test", seed=0)
 
 
+ANSWER_TOKENS = {"tiny-reverse": (3, 4), "tiny-add": (2, 4), "tiny-reverse-long": (4, 7)}
+"""Fewest and most completion tokens (answer and EOS) of each task."""
+
+
+def test_long_reverse_task_answers_widths_and_a_fixed_problem_set():
+    problems = get_task("tiny-reverse-long").enumerate_problems()
+    assert problems == get_task("tiny-reverse-long").enumerate_problems()
+    assert len(problems) == len(set(problems)) == 4000
+    for prompt, answer in problems:
+        digits = prompt.removeprefix("rev ").removesuffix("=")
+        assert digits.isdigit() and answer == digits[::-1]
+    widths = [len(answer) for _, answer in problems]
+    assert {w: widths.count(w) for w in set(widths)} == {3: 1000, 4: 1000, 5: 1000, 6: 1000}
+
+
 @pytest.mark.parametrize("name", list(TASKS))
-def test_cold_start_pairs_end_with_eos_and_fit_in_four_answer_tokens(tokenizer, name):
+def test_cold_start_pairs_end_with_eos_and_fit_in_their_answer_tokens(tokenizer, name):
     records = get_task(name).records("sft", seed=0)
     examples = encode_sft_examples(records, tokenizer)
     assert len(examples) == len(records)
     reward = get_reward(get_task(name).reward)
     for record, example in zip(records, examples):
-        assert example.completion_ids[-1] == EOS_ID and 2 <= len(example.completion_ids) <= 4
+        fewest, most = ANSWER_TOKENS[name]
+        assert example.completion_ids[-1] == EOS_ID and fewest <= len(example.completion_ids) <= most
         assert VOCAB["<|unk|>"] not in example.prompt_ids + example.completion_ids
         assert tokenizer.decode(example.prompt_ids).endswith(f"user\n{record.prompt}<|im_end|>\n<|im_start|>assistant\n")
         response = tokenizer.decode(example.completion_ids, skip_special_tokens=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from megatron_sapo.config import (
+    BuiltinModelConfig,
     ConfigError,
     DataConfig,
     EvalConfig,
@@ -24,6 +25,7 @@ from megatron_sapo.config_file import dump_config, load_config
 pytestmark = pytest.mark.unit
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "tiny_cpu"
+STRESS = EXAMPLES.parent / "stress_cpu"
 
 MINIMAL = """
 [model]
@@ -52,16 +54,17 @@ def test_minimal_file_takes_defaults_and_names_the_output_folder_after_the_file(
     assert cfg.data.train_path == "prompts.jsonl" and cfg.data.reward is None
 
 
-def test_examples_load_and_differ_only_in_loss_name_and_routing_replay():
+@pytest.mark.parametrize("folder, minibatches", [(EXAMPLES, 4), (STRESS, 16)])
+def test_examples_load_and_differ_only_in_loss_name_and_routing_replay(folder, minibatches):
     tables = {}
     for name in ("sapo", "gspo", "grpo_r2"):
-        cfg = load_config(EXAMPLES / f"{name}.toml")
+        cfg = load_config(folder / f"{name}.toml")
         assert cfg.model.builtin == "tiny-qwen3-moe" and cfg.model.params_dtype == "fp32"
         assert cfg.parallel.tp == 2 and cfg.parallel.data_parallel_size(2) == 1
         assert cfg.rollout.mode == "colocated" and cfg.rollout.group_size == 8
-        assert cfg.data.task is not None and cfg.train.minibatches == 4
+        assert cfg.data.task is not None and cfg.train.minibatches == minibatches
         assert cfg.data_parallel_size(2) == 1
-        tables[name] = tomllib.loads((EXAMPLES / f"{name}.toml").read_text())
+        tables[name] = tomllib.loads((folder / f"{name}.toml").read_text())
     assert tables["sapo"]["loss"] == {"name": "sapo"}
     assert tables["gspo"]["loss"] == {"name": "gspo"}
     assert tables["grpo_r2"]["loss"] == {"name": "grpo"}
@@ -173,9 +176,10 @@ def test_invalid_toml_and_missing_sections(tmp_path):
         load_config(tmp_path / "absent.toml")
 
 
+@pytest.mark.parametrize("folder", [EXAMPLES, STRESS])
 @pytest.mark.parametrize("name", ["sapo", "gspo", "grpo_r2"])
-def test_examples_dump_and_load_back_equal(tmp_path, name):
-    cfg = load_config(EXAMPLES / f"{name}.toml")
+def test_examples_dump_and_load_back_equal(tmp_path, folder, name):
+    cfg = load_config(folder / f"{name}.toml")
     again = load_config(write(tmp_path, dump_config(cfg), "dumped.toml"))
     assert again == cfg
 
@@ -306,3 +310,50 @@ def test_routing_replay_modes_say_what_each_stage_does():
     assert [m.replays_routes for m in modes.values()] == [False, True, True]
     assert [m.records_routes for m in modes.values()] == [False, True, False]
     assert [m.routes_from_rollout for m in modes.values()] == [False, False, True]
+
+
+def test_builtin_config_changes_the_built_in_models_config(tmp_path):
+    from megatron_sapo.plan.layout import builtin_hf_config, read_model_config
+
+    cfg = load_config(STRESS / "sapo.toml")
+    assert cfg.model.builtin_config == BuiltinModelConfig(num_experts=16, num_experts_per_tok=2)
+    hf_config, source = read_model_config(cfg)
+    assert hf_config["num_experts"] == 16 and hf_config["num_experts_per_tok"] == 2
+    assert hf_config["hidden_size"] == builtin_hf_config("tiny-qwen3-moe")["hidden_size"]
+    assert source == "model.builtin = 'tiny-qwen3-moe' with {'num_experts': 16, 'num_experts_per_tok': 2}"
+    assert builtin_hf_config("tiny-qwen3-moe")["num_experts"] == 4  # unchanged without overrides
+    override = load_config(EXAMPLES / "sapo.toml", ["model.builtin_config={num_experts = 8, num_hidden_layers = 2}"])
+    assert override.model.builtin_config.overrides() == {"num_experts": 8, "num_hidden_layers": 2}
+    assert load_config(write(tmp_path, dump_config(override), "dumped.toml")) == override
+    assert read_model_config(load_config(EXAMPLES / "sapo.toml"))[1] == "model.builtin = 'tiny-qwen3-moe'"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.builtin_config={num_experts = 16, topk = 2}",
+         "model.builtin_config: unknown key topk .*known: num_experts, num_experts_per_tok, num_hidden_layers"),
+        ("model.builtin_config={num_experts = 1}", "model.builtin_config.num_experts must be an integer >= 2, got 1"),
+        ("model.builtin_config={num_experts = 2, num_experts_per_tok = 3}",
+         "model.builtin_config.num_experts_per_tok = 3 exceeds model.builtin_config.num_experts = 2"),
+        ("model.builtin_config={num_hidden_layers = 0}", "model.builtin_config.num_hidden_layers must be an integer"),
+        ("model.builtin_config=16", "model.builtin_config must be a table, got 16"),
+        ("model.builtin=tiny-qwen3-vl-moe", "model.builtin_config changes the built-in text model; it needs "
+                                            "model.builtin = \"tiny-qwen3-moe\", not 'tiny-qwen3-vl-moe'"),
+    ],
+)
+def test_builtin_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(STRESS / "sapo.toml", [override])
+
+
+def test_builtin_config_needs_a_built_in_model_and_a_top_k_within_the_experts():
+    from megatron_sapo.models.tiny import demo_config
+
+    with pytest.raises(ConfigError, match="model.builtin_config changes the built-in text model; .* not 'ckpt'"):
+        ModelConfig(hf_dir="ckpt", builtin_config=BuiltinModelConfig(num_experts=8))
+    # Only one of the two set: the built-in model's 4 experts bound the top-k when the model is made.
+    assert ModelConfig(builtin="tiny-qwen3-moe", builtin_config=BuiltinModelConfig(num_experts_per_tok=6))
+    with pytest.raises(ConfigError, match="6 experts per token .* exceed the 4 experts of the built-in model"):
+        demo_config(num_experts_per_tok=6)
+    assert demo_config(num_experts=16)["num_experts"] == 16
