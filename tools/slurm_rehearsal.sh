@@ -64,6 +64,7 @@ CTLD_ADDR=$SUBNET.1
 
 started_munge=0
 started=$SECONDS
+SPOOL=  # the slurmds' spool folders (short: job step sockets live there)
 job_id=
 
 say() { echo "[rehearsal $(date +%T)] $*"; }
@@ -152,9 +153,10 @@ write_config() {
   hardware=$(slurmd -C | head -n 1)
   [[ $hardware == NodeName=* ]] || fail "slurmd -C printed no node line: $hardware"
   hardware=${hardware#NodeName=* }
+  SPOOL=$(mktemp -d /tmp/msapo-spool.XXXXXX)
   for (( i = 1; i <= NODES; i++ )); do
     lines+="NodeName=$(node_name "$i") NodeAddr=$(node_addr "$i") $hardware State=UNKNOWN"$'\n'
-    mkdir -p "$STATE/slurmd-$(node_name "$i")"
+    mkdir -p "$SPOOL/$(node_name "$i")"
   done
   mkdir -p "$STATE/slurmctld"
   local template
@@ -166,6 +168,7 @@ write_config() {
   template=${template//@CTLD_PORT@/$CTLD_PORT}
   template=${template//@SLURMD_PORT@/$SLURMD_PORT}
   template=${template//@STATE_DIR@/$STATE}
+  template=${template//@SPOOL_DIR@/$SPOOL}
   printf '%s\n' "$template" > "$SLURM_CONF"
   say "wrote $SLURM_CONF: $NODES nodes, each $hardware"
 }
@@ -230,6 +233,7 @@ stop_cluster() {
     stop_pidfile "$file"
   done
   remove_network
+  [[ -n $SPOOL ]] && rm -rf "$SPOOL"
   if (( started_munge )); then
     stop_pidfile /run/munge/munged.pid
   fi
@@ -269,6 +273,10 @@ job_state() {  # job_state: JobState of job_id, "" while scontrol cannot tell
 }
 
 job_running() {  # job_running: the job is queued or running (requeues included), not finished
+  # A job SLURM could not launch is requeued and held: it would never run.
+  if [[ $(job_field Reason 2> /dev/null) == launch_failed* ]]; then
+    fail "SLURM could not launch job $job_id: $(grep -h 'error\|fatal' "$STATE"/slurmd-*.log | tail -n 3)"
+  fi
   [[ $(job_state) =~ ^(|PENDING|CONFIGURING|RUNNING|COMPLETING|REQUEUED|REQUEUE_FED|RESIZING|SUSPENDED)$ ]]
 }
 
@@ -373,7 +381,7 @@ main() {
     stop_pidfile "$file"
   done
   remove_network
-  rm -rf "$WORK"
+  rm -rf "$WORK" /tmp/msapo-spool.*
   mkdir -p "$WORK/etc"
   install_packages
   trap cleanup EXIT

@@ -47,9 +47,20 @@ run() {  # run NAME CONFIG SEED [--set ...]
     echo "== $out: stopped before its first checkpoint; starting it again"
     rm -rf -- "$out"
   fi
+  # Every configuration of a seed starts from the same model: the seed's first run makes it (the
+  # built-in model and its cold start, which depend only on the seed and the settings every run
+  # shares), the others find it in their folder, as a resumed run would, and skip the cold start.
+  local start="$ROOT/start_model-seed$seed"
+  if [[ ! -e "$out/start_model" && -f "$start/config.json" ]]; then
+    mkdir -p "$out"
+    cp -r "$start" "$out/start_model"
+  fi
   echo "== $out ($(date +%H:%M:%S))"
   nice -n "$NICE" "$cli" train "$config" --output "$out" "${resume[@]}" --set "train.seed=$seed" \
     --set "rollout.sampling_seed=$((1234 + seed))" --set "data.seed=$seed" "${common[@]}" "$@"
+  if [[ ! -e "$start" ]]; then
+    cp -r "$out/start_model" "$start"
+  fi
 }
 
 algorithms=()
