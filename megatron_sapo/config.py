@@ -388,6 +388,11 @@ class ModelConfig:
         _check_choice("model.params_dtype", self.params_dtype, PARAMS_DTYPES)
         _check_choice("model.transformer_impl", self.transformer_impl, TRANSFORMER_IMPLS)
 
+    @property
+    def builtin_overrides(self) -> dict[str, int]:
+        """The config.json fields ``builtin_config`` sets ({} without one)."""
+        return self.builtin_config.overrides() if self.builtin_config else {}
+
 
 @dataclass
 class RolloutConfig:

@@ -80,8 +80,7 @@ def save_demo_model(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
     ``overrides`` replace fields of its config.json (``model.builtin_config``)."""
     from megatron_sapo.data.tiny_tokenizer import EOS_ID, PAD_ID, save_tiny_tokenizer
 
-    demo_config(**overrides)  # refuses a top-k above the number of experts
-    out = save_tiny_qwen3_moe(out_dir, seed=seed, dtype=torch.float32, **{**DEMO_OVERRIDES, **overrides},
+    out = save_tiny_qwen3_moe(out_dir, seed=seed, dtype=torch.float32, **demo_config(**overrides),
                               eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     save_tiny_tokenizer(out)
     return out

@@ -122,7 +122,7 @@ def read_model_config(cfg: RunConfig, hf_config: str | Path | None = None) -> tu
     import json
 
     if hf_config is None and cfg.model.builtin is not None:
-        overrides = cfg.model.builtin_config.overrides() if cfg.model.builtin_config else {}
+        overrides = cfg.model.builtin_overrides
         source = f"model.builtin = {cfg.model.builtin!r}" + (f" with {overrides}" if overrides else "")
         return builtin_hf_config(cfg.model.builtin, overrides), source
     path = Path(hf_config) if hf_config is not None else Path(cfg.model.hf_dir) / "config.json"

@@ -56,8 +56,7 @@ def prepare_start_model(cfg: RunConfig, out_dir: Path) -> Path:
 
         save_tiny_qwen3_vl_moe(tmp, seed=cfg.train.seed, dtype=torch.float32)
     else:
-        overrides = cfg.model.builtin_config.overrides() if cfg.model.builtin_config else {}
-        save_demo_model(tmp, seed=cfg.train.seed, **overrides)
+        save_demo_model(tmp, seed=cfg.train.seed, **cfg.model.builtin_overrides)
     if cfg.train.sft_steps:
         records = get_task(cfg.data.task).records("sft", cfg.data.seed)
         processor = None
