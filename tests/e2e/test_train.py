@@ -282,16 +282,18 @@ def test_policy_from_load_dir_is_served_from_the_first_step(straight, tmp_path):
 
 def test_data_parallel_packed_run_under_torchrun(straight, tmp_path):
     """`torchrun --nproc_per_node=2 ... train --set parallel.tp=1` with packed microbatches under a
-    token budget, and ICEPOP: two data-parallel replicas, each receiving and computing old
-    log-probs for its own half of the step's 64 rows, give the TP=2 padded run's first step (same
-    global batch, same seeds). At step 1 the servers hold the trainer's weights (fp32: log-probs
-    agree to about 1e-7), so ICEPOP masks nothing and weighs every token 1."""
+    token budget, generating one step ahead, and ICEPOP: two data-parallel replicas, each
+    receiving and computing old log-probs for its own half of the step's 64 rows, give the TP=2
+    padded run's first step (same global batch, same seeds). At step 1 the servers hold the
+    trainer's weights (fp32: log-probs agree to about 1e-7), so ICEPOP masks nothing and weighs
+    every token 1; step 2 trains samples a sync behind (max_staleness = 1), and the weights the
+    replicas reduce move away from 1."""
     config, out = from_start_model(straight, tmp_path), tmp_path / "dp2"
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "megatron_sapo.cli", "train", str(config),
            "--output", str(out), *SHORT, "--steps", "2", "--set", "eval.every=0", "--set", "parallel.tp=1",
            "--set", "train.max_tokens_per_microbatch=256", "--set", "train.pack_sequences=true",
-           "--set", "loss.rollout_correction=icepop"]
+           "--set", "loss.rollout_correction=icepop", "--set", "rollout.max_staleness=1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows, first = metrics(out), metrics(straight)[0]
@@ -304,6 +306,12 @@ def test_data_parallel_packed_run_under_torchrun(straight, tmp_path):
     assert rows[0]["train_token_util"] > first["train_token_util"]  # less padding than the padded run
     assert rows[0]["rollout_correction_masked_frac"] == 0.0
     assert abs(rows[0]["rollout_correction_weight_mean"] - 1) < 1e-5 and rows[0]["rollout_kl"] < 1e-10
+    behind = rows[1]
+    assert behind["rollout_staleness_max"] == 1 and behind["rollout_kl"] > 100 * max(rows[0]["rollout_kl"], 1e-12)
+    assert abs(behind["rollout_correction_weight_mean"] - 1) > 1e-5, behind["rollout_correction_weight_mean"]
+    print(f"\nstep 2, a sync behind: rollout_kl {behind['rollout_kl']:.2e}, ICEPOP weight mean "
+          f"{behind['rollout_correction_weight_mean']:.5f} (max {behind['rollout_correction_weight_max']:.3f}), "
+          f"masked {behind['rollout_correction_masked_frac']:.4f}")
 
 
 def test_eval_command_evaluates_a_training_checkpoint(straight, tmp_path):
