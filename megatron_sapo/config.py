@@ -661,7 +661,7 @@ class DataConfig:
 class EvalSet:
     """One evaluation set (``[[eval.sets]]``): a prompt file scored by its own reward, reported
     as ``eval_<name>_avg_at_<k>`` (Pass@1 as the mean over k samples per problem) and
-    ``eval_<name>_pass_at_<j>`` for j = 1, 2, 4, ... up to k (the unbiased estimator: a response
+    ``eval_<name>_pass_at_<j>`` for j = 1, 2, 4, ... below k, and k (the unbiased estimator: a response
     counts as solved when its reward is above 0.5)."""
 
     name: str
@@ -804,7 +804,7 @@ class RunConfig:
             raise ConfigError('loss.behavior_logprobs = "rollout" skips the old-log-prob pass, which records the '
                               'routes train.routing_replay = "r2" replays; use "r3" (the rollout\'s routes) or '
                               '"recompute"')
-        if self.train.routing_replay != "none" and not self.router.routing_replay:
+        if self.train.replays_routes and not self.router.routing_replay:
             raise ConfigError(f"train.routing_replay = {self.train.routing_replay!r} needs router.routing_replay = true")
         longest = self.data.max_prompt_tokens + max(self.rollout.max_new_tokens, self.eval.max_new_tokens or 0)
         if self.train.max_seq_len < longest:

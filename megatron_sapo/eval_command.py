@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
 def served_model(checkpoint: Path, out: Path, cfg) -> Path:
     """An HF folder of ``checkpoint`` with a tokenizer (converting a Megatron checkpoint)."""
     if (checkpoint / "config.json").is_file():
+        from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
+
+        HFCheckpoint(checkpoint).check()  # a corrupt file fails here, naming itself
         return checkpoint
     from megatron_sapo.convert import mcore_checkpoint, streaming
     from megatron_sapo.convert.commands import hf_dtype

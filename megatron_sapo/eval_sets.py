@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from megatron_sapo.algo.evaluation import sample_set_metrics
 from megatron_sapo.config import EvalSet, RunConfig
@@ -15,6 +15,9 @@ from megatron_sapo.errors import InputError
 from megatron_sapo.rollout.client import SamplingParams
 from megatron_sapo.rollout.pipeline import sample_seed
 from megatron_sapo.types import Group, Prompt
+
+if TYPE_CHECKING:  # annotations only
+    from megatron_sapo.data.rewards import RewardScorer
 
 Generate = Callable[[list[Prompt], int, SamplingParams, list[list[int | None]], str], list[Group]]
 """``(prompts, k, sampling, seeds, rid_prefix) -> groups``: ``RolloutPipeline.generate``."""
@@ -24,8 +27,7 @@ Generate = Callable[[list[Prompt], int, SamplingParams, list[list[int | None]], 
 class LoadedSet:
     spec: EvalSet
     prompts: list[Prompt]
-    scorer: object
-    """Its ``RewardScorer``."""
+    scorer: RewardScorer
 
 
 def load_sets(cfg: RunConfig, tokenizer, processor) -> list[LoadedSet]:
@@ -69,6 +71,9 @@ def evaluate_set(loaded: LoadedSet, generate: Generate, tokenizer, cfg: RunConfi
     responses = [tokenizer.decode(s.response_ids, skip_special_tokens=True) for g in groups for s in g.samples]
     scores = loaded.scorer.score(responses, [g.prompt.answer for g in groups for _ in g.samples],
                                  [g.prompt.fields for g in groups for _ in g.samples])
+    if scores.first_error is not None:
+        print(f"eval set {spec.name}: {scores.errors} reward calls failed and {scores.timeouts} timed out, "
+              f"scored 0; the first:\n{scores.first_error}", file=sys.stderr, flush=True)
     per_problem = [scores.scores[i * k:(i + 1) * k] for i in range(len(groups))]
     return {**sample_set_metrics(spec.name, per_problem), f"eval_{spec.name}_reward_errors": float(scores.errors),
             f"eval_{spec.name}_reward_timeouts": float(scores.timeouts),

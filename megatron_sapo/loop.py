@@ -30,6 +30,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -59,6 +60,15 @@ from megatron_sapo.training.stop import STOP_FILE, Stopped, StopRequest
 from megatron_sapo.training.update import train_minibatch
 from megatron_sapo.types import Group, Prompt, TrainBatch
 
+if TYPE_CHECKING:  # annotations only
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from transformers import PreTrainedTokenizerBase
+
+    from megatron_sapo.data.datasets import PromptSampler
+    from megatron_sapo.data.remote_reward import RemoteRewardScorer
+    from megatron_sapo.data.rewards import RewardScorer
+    from megatron_sapo.run_log import RunLog
+
 
 @dataclass
 class Rollout:
@@ -67,12 +77,12 @@ class Rollout:
     client: RolloutClient
     pipeline: RolloutPipeline
     val_prompts: list[Prompt]
-    sampler: object
-    scorer: object
+    sampler: PromptSampler
+    scorer: RewardScorer | RemoteRewardScorer
     manager: ServerManager | RemoteServers
     """The colocated servers this run started, or the disaggregated ones it waits for."""
-    log: object
-    tokenizer: object
+    log: RunLog
+    tokenizer: PreTrainedTokenizerBase
     eval_sets: list[LoadedSet]
     reward_failure_reported: bool = False
     """Whether the run's first failed reward call has been printed."""
@@ -82,7 +92,7 @@ class Rollout:
 class Run:
     cfg: RunConfig
     out_dir: Path
-    pg: object
+    pg: ProcessGroupCollection
     policy: Policy
     routing: RoutingReplay | None
     sync: WeightSync
@@ -281,14 +291,16 @@ def overlong_penalty(length: int, rollout) -> float:
 
 
 def report_reward_failure(run: Run, scores) -> None:
-    """The run's first failed reward call, with its traceback, once (later ones are counted in
-    ``reward_errors`` / ``reward_timeouts``)."""
+    """The run's first failed reward call, with its traceback, once, on stderr and in
+    ``logs/reward_failure.txt`` (later ones are counted in ``reward_errors`` / ``reward_timeouts``)."""
     if scores.first_error is None or run.rollout.reward_failure_reported:
         return
     run.rollout.reward_failure_reported = True
-    print(f"step {run.step}: a call of the reward function {run.rollout.scorer.name} failed and scored 0 "
-          f"(later failures are only counted: reward_errors, reward_timeouts):\n{scores.first_error}",
-          file=sys.stderr, flush=True)
+    report = (f"step {run.step}: a call of the reward function {run.rollout.scorer.name} failed and scored 0 "
+              f"(later failures are only counted: reward_errors, reward_timeouts):\n{scores.first_error}")
+    print(report, file=sys.stderr, flush=True)
+    (run.out_dir / "logs").mkdir(exist_ok=True)
+    (run.out_dir / "logs" / "reward_failure.txt").write_text(report + "\n")
 
 
 def staleness_metrics(samples: list, step: int) -> dict[str, float]:

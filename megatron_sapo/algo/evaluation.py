@@ -24,16 +24,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def sample_set_metrics(name: str, scores: list[list[float]], threshold: float = 0.5) -> dict[str, float]:
-    """avg@n and pass@k (k = 1, 2, 4, ... up to n) over problems, each with its n responses'
-    rewards; a response counts as correct when its reward is above ``threshold``."""
+    """avg@n and pass@k (k = 1, 2, 4, ... below n, and n itself) over problems, each with its n
+    responses' rewards; a response counts as correct when its reward is above ``threshold``."""
     n = len(scores[0])
     if any(len(row) != n for row in scores):
         raise ValueError("every problem needs the same number of responses")
     metrics = {f"eval_{name}_avg_at_{n}": sum(map(sum, scores)) / (n * len(scores)),
                f"eval_{name}_problems": float(len(scores))}
-    k = 1
-    while k <= n:
-        correct = [sum(r > threshold for r in row) for row in scores]
+    correct = [sum(r > threshold for r in row) for row in scores]
+    for k in sorted({*(2**i for i in range(n.bit_length()) if 2**i < n), n}):
         metrics[f"eval_{name}_pass_at_{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(scores)
-        k *= 2
     return metrics

@@ -1,12 +1,17 @@
 """The RL step's small helpers (megatron_sapo/loop.py): a replica's minibatches at DP=2, metric
-means over minibatches, and per-sample sampling seeds."""
+means over minibatches, per-sample sampling seeds, which groups dynamic sampling keeps, and the
+report of the first failed reward call."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from megatron_sapo.loop import mean_metrics, minibatches, sample_seed
+from megatron_sapo.data.rewards import RewardScores
+from megatron_sapo.loop import has_spread, mean_metrics, minibatches, report_reward_failure, sample_seed
 from megatron_sapo.plan.measure import random_batch
 from megatron_sapo.training.shard import assign_rows
+from megatron_sapo.types import Group, Prompt, Sample
 
 pytestmark = pytest.mark.unit
 
@@ -66,3 +71,29 @@ def test_fillers_and_under_mask_truncated_cut_responses_leave_the_loss():
     samples = [sample("stop"), sample("length"), sample("stop", in_loss=False), sample("length", in_loss=False)]
     assert out_of_loss(samples, mask_truncated=False).tolist() == [False, False, True, True]
     assert out_of_loss(samples, mask_truncated=True).tolist() == [False, True, True, True]
+
+
+def test_dynamic_sampling_keeps_groups_whose_rewards_differ():
+    def group(*rewards):
+        samples = [Sample(prompt_ids=[1], response_ids=[2], rollout_logprobs=[0.0], finish_reason="stop", reward=r)
+                   for r in rewards]
+        return Group(prompt=Prompt(index=0, prompt_ids=[1]), samples=samples)
+
+    assert has_spread(group(0.0, 1.0, 1.0)) and has_spread(group(0.2, 0.25))
+    assert not has_spread(group(1.0, 1.0, 1.0)) and not has_spread(group(0.0, 0.0))
+    with pytest.raises(ValueError, match="samples \\[1\\] have no reward yet"):
+        has_spread(group(1.0, None))
+
+
+def test_the_first_failed_reward_call_is_reported_once_on_stderr_and_in_the_run_folder(tmp_path, capsys):
+    run = SimpleNamespace(step=3, out_dir=tmp_path,
+                          rollout=SimpleNamespace(reward_failure_reported=False, scorer=SimpleNamespace(name="mine.py:f")))
+    report_reward_failure(run, RewardScores(scores=[1.0], errors=0))
+    assert not (tmp_path / "logs").exists() and capsys.readouterr().err == ""
+    report_reward_failure(run, RewardScores(scores=[0.0], errors=1, first_error="Traceback ...\nZeroDivisionError"))
+    written = (tmp_path / "logs" / "reward_failure.txt").read_text()
+    assert written.startswith("step 3: a call of the reward function mine.py:f failed and scored 0")
+    assert "ZeroDivisionError" in written and written.strip() == capsys.readouterr().err.strip()
+    run.step = 4
+    report_reward_failure(run, RewardScores(scores=[0.0], errors=1, first_error="Traceback ...\nKeyError"))
+    assert capsys.readouterr().err == "" and "step 3" in (tmp_path / "logs" / "reward_failure.txt").read_text()

@@ -1,10 +1,12 @@
 """Rewards from a real HTTP server on this machine (``data.reward_url``): batches, extras, an
-entry that is not a score, retries after failures, and a service that stays down."""
+entry that is not a score, retries after failures, a service that stays down, and one that
+accepts the request but answers too late."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -81,6 +83,26 @@ def test_a_service_that_stays_down_stops_the_step_naming_it():
     scorer = RemoteRewardScorer(url, timeout_s=2, retries=2, backoff_s=0.05)
     with pytest.raises(RewardServiceError, match=f"the reward service {url} failed 3 times: ConnectionError"):
         scorer.score(["a"], ["a"])
+
+
+def test_a_service_that_answers_too_late_times_out_each_try_then_stops_the_step(service):
+    original, arrived = RewardService.do_POST, []
+
+    def late(self):
+        arrived.append(time.perf_counter())
+        time.sleep(1.5)
+        original(self)
+
+    RewardService.do_POST = late
+    try:
+        scorer = RemoteRewardScorer(service, timeout_s=0.3, retries=1, backoff_s=0.05)
+        start = time.perf_counter()
+        with pytest.raises(RewardServiceError, match=f"the reward service {service} failed 2 times: .*[Tt]imeout"):
+            scorer.score(["a"], ["a"])
+        assert time.perf_counter() - start < 1.5  # each try gave up after its 0.3 s, not the reply's 1.5
+        assert len(arrived) == 2  # the first try and one retry
+    finally:
+        RewardService.do_POST = original
 
 
 @contextmanager
