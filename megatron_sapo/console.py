@@ -58,9 +58,8 @@ def header(cfg: RunConfig, world: int, out_dir: Path) -> str:
     servers = (f"{cfg.rollout.num_servers} colocated SGLang server(s)" if cfg.rollout.mode == "colocated"
                else f"{len(cfg.rollout.servers)} SGLang server(s) at {', '.join(cfg.rollout.servers)}")
     loss = cfg.loss
-    algorithm = {"sapo": f"SAPO (tau_pos {loss.tau_pos}, tau_neg {loss.tau_neg})",
-                 "grpo": "GRPO", "gspo": "GSPO"}[loss.name]
-    if cfg.train.routing_replay != "none":
+    algorithm = loss.name.upper() + (f" (tau_pos {loss.tau_pos}, tau_neg {loss.tau_neg})" if loss.name == "sapo" else "")
+    if cfg.train.replays_routes:
         algorithm += f" with routing replay {cfg.train.routing_replay.upper()}"
     return "\n".join([
         f"model     {model} ({cfg.model.params_dtype})",

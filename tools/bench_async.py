@@ -37,6 +37,8 @@ from pathlib import Path
 
 import requests
 
+from megatron_sapo.config import WEIGHT_SYNC_METHODS
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("rollout", "reward", "old_logprobs", "train", "weight_sync")
 
@@ -49,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_async"), help="work and output folder")
     parser.add_argument("--server-cpu", default="0", help="taskset CPU list of the SGLang server")
     parser.add_argument("--trainer-cpu", default="1", help="taskset CPU list of the trainer")
-    parser.add_argument("--weight-sync", default="distributed", choices=("tensor", "distributed", "disk"),
+    parser.add_argument("--weight-sync", default="distributed", choices=WEIGHT_SYNC_METHODS,
                         help="rollout.weight_sync of both settings (the 30B-A3B job's is distributed; on CPU "
                              "tensor sends pickled bytes over HTTP, docs/benchmarks.md)")
     return parser.parse_args(argv)

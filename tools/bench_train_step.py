@@ -53,7 +53,6 @@ import argparse
 import dataclasses
 import json
 import math
-import socket
 import time
 from dataclasses import dataclass
 
@@ -64,6 +63,7 @@ from bench_convert import QWEN3_30B_A3B
 from megatron_sapo.config import LossConfig, OptimizerConfig, ParallelConfig
 from megatron_sapo.models import qwen3_moe
 from megatron_sapo.parallel.groups import initialize_model_parallel
+from megatron_sapo.parallel.ports import free_port
 from megatron_sapo.plan.measure import random_batch
 from megatron_sapo.training.logprobs import compute_logprobs
 from megatron_sapo.training.microbatch import Batching
@@ -123,9 +123,7 @@ def single_rank_groups(device: str):
     """A one-rank process group (NCCL on CUDA, gloo on CPU) and Megatron's groups on it."""
     if device == "cuda":
         torch.cuda.set_device(0)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=0, world_size=1)
     return initialize_model_parallel(ParallelConfig())

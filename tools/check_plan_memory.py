@@ -70,13 +70,13 @@ def run_config(setting: str, seq: int, hf_dir: str):
 
 def one_setting(args) -> dict:
     """Plan, then measure, one setting in this process."""
-    import socket
     import tempfile
 
     import torch
     import torch.distributed as dist
 
     from megatron_sapo.parallel.groups import initialize_model_parallel
+    from megatron_sapo.parallel.ports import free_port
     from megatron_sapo.plan.layout import Hardware
     from megatron_sapo.plan.measure import measure_step
     from megatron_sapo.plan.planner import GIB, plan_run
@@ -89,9 +89,7 @@ def one_setting(args) -> dict:
         plan = plan_run(cfg, Hardware(nodes=1, gpus_per_node=1, gpu_memory_gib=memory), device=args.device, te=False)
     if args.device == "cuda":
         torch.cuda.set_device(0)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=0, world_size=1)
     pg = initialize_model_parallel(cfg.parallel)

@@ -43,6 +43,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -62,6 +63,10 @@ from megatron_sapo.convert.mcore_checkpoint import HF_CONFIG_FILE
 from megatron_sapo.convert.output import check_target, partial_dir, publish
 from megatron_sapo.errors import InputError
 from megatron_sapo.models import model_family, weight_table
+
+if TYPE_CHECKING:  # annotations only
+    from megatron_sapo.models.qwen3_moe import Qwen3MoeSpec
+    from megatron_sapo.models.qwen3_vl import Qwen3VLSpec
 
 MCORE_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                   "common_backend": "torch", "common_backend_version": 1}
@@ -120,8 +125,8 @@ class Chunk:
 class MetaLayout:
     """The model at TP1/PP1/EP1, described without memory: what conversion needs to know of it."""
 
-    spec: object
-    """The family's model spec (``Qwen3MoeSpec``, ``Qwen3VLSpec``)."""
+    spec: Qwen3MoeSpec | Qwen3VLSpec
+    """The family's model spec."""
     table: MappingTable
     """Its weight table, with the Hub storage of its experts."""
     chunks: list[Chunk]

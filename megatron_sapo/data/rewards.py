@@ -37,7 +37,8 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -158,8 +159,8 @@ class RewardScores:
 
 @dataclass
 class _Worker:
-    process: object
-    conn: object
+    process: BaseProcess
+    conn: Connection
     job: int | None = None
     deadline: float = 0.0
 

@@ -17,6 +17,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,9 @@ from megatron_sapo.convert.mapping import MappingTable, WeightMap
 from megatron_sapo.convert.sharding import Split, SplitGLU
 from megatron_sapo.convert.transforms import FuseGLU, FuseQKV, PadVocab
 
+if TYPE_CHECKING:  # annotations only: Megatron is imported when a model is built
+    from megatron.core.transformer import TransformerConfig
+
 ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 
 
@@ -32,7 +36,7 @@ ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 class Qwen3MoeSpec:
     """What building the Megatron model needs: its TransformerConfig plus the GPTModel arguments."""
 
-    config: object  # megatron.core.transformer.TransformerConfig
+    config: TransformerConfig
     vocab_size: int
     """True vocabulary size (config.json)."""
     padded_vocab_size: int

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +40,17 @@ from megatron_sapo.convert.transforms import FlattenPatchConv, SplitFusedQKV
 from megatron_sapo.models import qwen3_moe
 from megatron_sapo.models.qwen3_moe import Qwen3MoeSpec, read_hf_config
 
+if TYPE_CHECKING:  # annotations only: Megatron is imported when a model is built
+    from megatron.core.transformer import TransformerConfig
+
 ARCHITECTURES = ("Qwen3VLMoeForConditionalGeneration",)
 MODEL_TYPE = "qwen3_vl_moe"
 
 
 @dataclass(frozen=True)
 class VisionSpec:
-    config: object  # megatron.core.transformer.TransformerConfig of the ViT blocks
+    config: TransformerConfig
+    """Of the ViT blocks."""
     in_channels: int
     patch_size: int
     temporal_patch_size: int

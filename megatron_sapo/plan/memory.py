@@ -167,7 +167,7 @@ def _route_bytes(cfg: RunConfig, dims: ModelDims, shape: Shape) -> float:
     model, top-k]`` (``training/microbatch.py``), and the replay's working copies of them (sorted
     values, indices, the selection: four in all); a replica's routes otherwise wait in host
     memory (uint8)."""
-    if cfg.train.routing_replay == "none":
+    if not cfg.train.replays_routes:
         return 0.0
     return 4 * 8.0 * shape.tokens * sum(dims.moe_layers) * dims.topk
 

@@ -173,7 +173,10 @@ def register(subparsers) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from megatron_sapo.convert.hf_checkpoint import HFCheckpoint
+
     model = Path(args.model)
+    HFCheckpoint(model).check()  # a corrupt file fails here, naming itself, not in the server's log
     check_servable(model)
     extra = [a for a in args.sglang_args if a != "--"]
     opts = ServerOptions(model=str(model), port=args.port, host=args.host, tp=args.tp,

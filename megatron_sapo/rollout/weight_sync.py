@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 from urllib.parse import urlsplit
 
 import requests
@@ -56,6 +56,9 @@ from megatron_sapo.convert.export import export_hf, iter_hf_tensors
 from megatron_sapo.convert.mapping import MappingTable
 from megatron_sapo.parallel.collectives import comm_device
 from megatron_sapo.parallel.ports import free_port
+
+if TYPE_CHECKING:  # annotations only: Megatron is imported when a model is built
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 SyncPath = WeightSyncMethod
 """``rollout.weight_sync``: how the weights travel (config.py holds the one list)."""
@@ -130,9 +133,9 @@ class WeightSync:
     """Pushes the Megatron model's weights to SGLang servers. Every method is collective over
     the trainer's ranks (all must call it)."""
 
-    model: object
+    model: torch.nn.Module
     table: MappingTable
-    pg_collection: object
+    pg_collection: ProcessGroupCollection
     servers: list[ServerEndpoint]
     path: SyncPath = "tensor"
     bucket_bytes: int = 512 * 2**20

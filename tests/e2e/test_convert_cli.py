@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 
 # The console script of the interpreter running the tests, whether or not its folder is on PATH.
 CLI = shutil.which("megatron-sapo") or str(Path(sys.executable).with_name("megatron-sapo"))
+REPO = Path(__file__).resolve().parents[2]
 # The spec "auto" builds on this machine: local without CUDA and TransformerEngine.
 AUTO_SPEC = "transformer_engine" if use_transformer_engine("auto") else "local"
 
@@ -92,7 +93,8 @@ def test_errors_name_the_problem(hf_dir, tmp_path):
 
 @pytest.mark.parametrize("damage", ["header length", "header json", "truncated data"])
 def test_a_corrupt_safetensors_file_is_one_line_naming_it(hf_dir, tmp_path, damage):
-    """In each command that reads an HF checkpoint: convert, parity, and the loader train uses."""
+    """In each command that reads an HF checkpoint: convert, parity, serve, eval, and the loader
+    train uses."""
     broken = tmp_path / "broken"
     shutil.copytree(hf_dir, broken)
     path = broken / "model.safetensors"
@@ -109,13 +111,27 @@ def test_a_corrupt_safetensors_file_is_one_line_naming_it(hf_dir, tmp_path, dama
         expected = "do not fit its size or the file's 100 data bytes"
     path.write_bytes(data)
     for args in (["convert", "hf-to-mcore", "--hf", str(broken), "--out", str(tmp_path / "out")],
-                 ["parity", "--hf", str(broken), "--mcore", str(tmp_path / "unused")]):
+                 ["parity", "--hf", str(broken), "--mcore", str(tmp_path / "unused")],
+                 ["serve", "--model", str(broken), "--port", "1", "--print-command"],
+                 ["eval", str(eval_config(tmp_path)), "--checkpoint", str(broken), "--output", str(tmp_path / "ev")]):
         proc = run(*args, ok=False)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and str(path) in last and expected in last, proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
     with pytest.raises(ValueError, match=expected.replace("(", r"\(")):
         HFCheckpoint(broken).get(HFCheckpoint(hf_dir).names()[0])
+
+
+def eval_config(folder: Path) -> Path:
+    """The demo config with one eval set (the shipped math example)."""
+    config = folder / "eval.toml"
+    config.write_text((REPO / "examples/tiny_cpu/sapo.toml").read_text() + f"""
+[[eval.sets]]
+name = "math"
+path = "{REPO / 'examples/my_data/math_tiny.jsonl'}"
+prompt_key = "problem"
+""")
+    return config
 
 
 @pytest.fixture(scope="module")

@@ -63,9 +63,7 @@ def test_mpirun_two_ranks(tmp_path):
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun is not on PATH (tools/setup_env.sh installs openmpi-bin)")
 def test_mpirun_port_set_on_rank_0_only_reaches_rank_1(tmp_path):
     # Two application contexts (MPMD): only rank 0's environment holds MASTER_PORT.
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
+    port = free_port(host="")
     root = ["--allow-run-as-root"] if os.getuid() == 0 else []
     check = [*CHECK, "--report-dir", str(tmp_path)]
     command = [MPIRUN, "--oversubscribe", *root, "-n", "1", "-x", f"MASTER_PORT={port}", *check, ":", "-n", "1", *check]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ from megatron_sapo.config import LossConfig, OptimizerConfig, ParallelConfig
 from megatron_sapo.models import qwen3_moe
 from megatron_sapo.models.tiny import TINY_QWEN3_MOE
 from megatron_sapo.parallel.groups import destroy_model_parallel, initialize_model_parallel
+from megatron_sapo.parallel.ports import free_port
 from megatron_sapo.training.logprobs import compute_logprobs
 from megatron_sapo.training.microbatch import Batching
 from megatron_sapo.training.optimizer import build_optimizer
@@ -109,9 +109,7 @@ def run_half(device: str, out: Path) -> None:
         torch.backends.cudnn.allow_tf32 = False
     elif torch.cuda.is_available():
         raise RuntimeError('the CPU half must run without CUDA (CUDA_VISIBLE_DEVICES="")')
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
                             rank=0, world_size=1)
     try:

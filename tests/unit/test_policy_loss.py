@@ -8,7 +8,7 @@ import torch
 import paper_reference as ref
 from megatron_sapo.algo import policy_loss
 from megatron_sapo.algo.loss import loss_normalizer
-from megatron_sapo.config import LossConfig
+from megatron_sapo.config import LOSS_NAMES, LossConfig
 
 pytestmark = pytest.mark.unit
 
@@ -27,7 +27,7 @@ def as_lists(*tensors):
     return [t.tolist() for t in tensors]
 
 
-@pytest.mark.parametrize("name", ["sapo", "grpo", "gspo"])
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_value_matches_paper_equations(name):
     logp, old, adv, mask = make_batch()
     cfg = LossConfig(name=name, eps_low=0.2, eps_high=0.28, dual_clip_c=3.0)
@@ -63,7 +63,7 @@ def test_sapo_uses_tau_neg_for_zero_advantage():
     assert metrics["gate_mean"].item() == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["sapo", "grpo", "gspo"])
+@pytest.mark.parametrize("name", LOSS_NAMES)
 @pytest.mark.parametrize("tau", [0.05, 1.0, 1.05, 8.0, 100.0])
 def test_on_policy_gradient_is_the_unclipped_one(name, tau):
     _, old, adv, mask = make_batch()
@@ -115,7 +115,7 @@ def test_grpo_clip_fractions_and_dual_clip():
     assert logp.grad[3].item() == pytest.approx(-0.25)
 
 
-@pytest.mark.parametrize("name", ["sapo", "grpo", "gspo"])
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_gradcheck_float64(name):
     logp, old, adv, mask = make_batch(seed=3, batch=3, length=4, spread=0.05)
     cfg = LossConfig(name=name, eps_low=0.2, eps_high=0.28, kl_coef=0.1)
@@ -129,7 +129,7 @@ def test_gradcheck_float64(name):
     assert torch.autograd.gradcheck(fn, (logp.requires_grad_(True), entropy.requires_grad_(True)))
 
 
-@pytest.mark.parametrize("name", ["sapo", "grpo", "gspo"])
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_masked_tokens_get_exactly_zero_gradient_even_when_garbage(name):
     logp, old, adv, mask = make_batch()
     logp = logp.masked_fill(~mask, float("nan"))
@@ -143,7 +143,7 @@ def test_masked_tokens_get_exactly_zero_gradient_even_when_garbage(name):
     assert all(torch.isfinite(v) for k, v in metrics.items())
 
 
-@pytest.mark.parametrize("name", ["sapo", "grpo", "gspo"])
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_extreme_ratios_give_finite_loss_and_gradient(name):
     logp, old, adv, mask = make_batch()
     logp = (old + torch.where(torch.rand_like(old) < 0.5, 1000.0, -1000.0)).float().requires_grad_(True)
@@ -154,7 +154,7 @@ def test_extreme_ratios_give_finite_loss_and_gradient(name):
 
 
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum"])
-@pytest.mark.parametrize("name", ["sapo", "grpo", "gspo"])
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_microbatch_split_with_global_normalizer_sums_to_full_batch(agg, name):
     logp, old, adv, mask = make_batch(seed=1, batch=8, length=6, spread=0.5)
     mask[5] = False  # a padding row: counts for nothing

@@ -10,7 +10,7 @@ import torch
 
 from megatron_sapo.algo.correction import correction_metrics, correction_sums, rollout_correction
 from megatron_sapo.algo.loss import policy_loss
-from megatron_sapo.config import (ConfigError, DataConfig, LossConfig, ModelConfig, RolloutConfig, RouterConfig,
+from megatron_sapo.config import (LOSS_NAMES, ConfigError, DataConfig, LossConfig, ModelConfig, RolloutConfig, RouterConfig,
                                   RunConfig, TrainConfig)
 
 LOW, HIGH = 0.5, 2.0
@@ -82,7 +82,7 @@ def test_metrics_count_what_was_masked_and_the_train_rollout_kl(batch):
     assert metrics["rollout_kl"] == pytest.approx((torch.exp(d) - d - 1).mean().item())
 
 
-@pytest.mark.parametrize("name", ["sapo", "grpo", "gspo"])
+@pytest.mark.parametrize("name", LOSS_NAMES)
 def test_weights_multiply_each_tokens_objective_and_masking_renormalises(batch, name):
     """loss(weights w) == - sum_t w_t f_t A / N over the kept tokens, N counted after masking;
     a token masked out changes neither the loss nor any gradient but its own (zero)."""
