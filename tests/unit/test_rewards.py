@@ -255,3 +255,25 @@ def test_eval_sets_can_be_given_with_set(tmp_path):
     config.write_text('[model]\nbuiltin = "tiny-qwen3-moe"\n[data]\ntask = "tiny-reverse"\n')
     cfg = load_config(config, ['eval.sets=[{name = "held_out", path = "x.jsonl", samples = 2}]'])
     assert [(s.name, s.path, s.samples, s.reward) for s in cfg.eval.sets] == [("held_out", "x.jsonl", 2, "math")]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.reward_url=ftp://host/score"], "data.reward_url must start with http:// or https://, got 'ftp://host/score'"),
+    (["data.reward_url=http://host/score", "data.reward=math"], "data.reward and data.reward_url both name a reward"),
+    (["data.reward_workers=0"], "data.reward_workers"),
+    (["data.reward_retries=-1"], "data.reward_retries"),
+    (["rollout.filter_groups=all_equal"], "rollout.filter_groups must be one of"),
+    (["rollout.max_sampling_rounds=0"], "rollout.max_sampling_rounds"),
+    (['eval.sets=[{name = "Held-Out", path = "x.jsonl"}]'], "name must be lowercase letters, digits and _, got 'Held-Out'"),
+    (['eval.sets=[{name = "a", path = "x.jsonl"}, {name = "a", path = "y.jsonl"}]'], r"names must differ, got \['a', 'a'\]"),
+    (['eval.sets=[{name = "a", path = "x.jsonl", samples = 0}]'], r"eval.sets\['a'\].samples"),
+    (['eval.sets=[{name = "a", path = "x.jsonl", temperature = 0}]'], r"eval.sets\['a'\].temperature"),
+])
+def test_bad_reward_filtering_and_eval_settings_are_refused_naming_the_field(tmp_path, overrides, message):
+    from megatron_sapo.config import ConfigError
+    from megatron_sapo.config_file import load_config
+
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\nbuiltin = "tiny-qwen3-moe"\n[data]\ntask = "tiny-reverse"\n')
+    with pytest.raises(ConfigError, match=message):
+        load_config(config, overrides)
