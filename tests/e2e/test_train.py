@@ -59,11 +59,18 @@ def from_start_model(straight: Path, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
+    from megatron_sapo.data.tasks import get_task
+
     out = tmp_path_factory.mktemp("straight")
+    problems = out.parent / "reverse_held_out.jsonl"  # an eval set of 8 validation problems, 2 samples each
+    problems.write_text("".join(json.dumps({"prompt": r.prompt, "answer": r.answer}) + "\n"
+                                for r in get_task("tiny-reverse").records("val", 0)[:8]))
     # Diagnostics budgets below a step's ~250 response tokens and 64 sequences: the run samples.
-    train("examples/tiny_cpu/sapo.toml", out, "--steps", "4", "--save-every", "2",
-          "--set", f"logging.diagnostics_tokens={DIAGNOSTICS_TOKENS}",
-          "--set", f"logging.diagnostics_sequences={DIAGNOSTICS_SEQUENCES}")
+    done = train("examples/tiny_cpu/sapo.toml", out, "--steps", "4", "--save-every", "2",
+                 "--set", f"logging.diagnostics_tokens={DIAGNOSTICS_TOKENS}",
+                 "--set", f"logging.diagnostics_sequences={DIAGNOSTICS_SEQUENCES}",
+                 "--set", f'eval.sets=[{{name = "held_out", path = "{problems}", reward = "exact_match", samples = 2}}]')
+    (out.parent / "straight_console.txt").write_text(done.stdout)
     return out
 
 
@@ -77,6 +84,20 @@ def test_outputs(straight):
         assert 0.0 <= row["reward_mean"] <= 1.0
         assert row["logprob_mismatch"] < 1e-4  # fp32 serving and training: measured 8.6e-7
     assert "pass_at_1" in rows[1] and "pass_at_1" in rows[3]
+    for row in (rows[1], rows[3]):  # the eval set, every eval.every = 2 steps
+        assert row["eval_held_out_problems"] == 8 and row["eval_held_out_reward_errors"] == 0
+        assert 0 <= row["eval_held_out_pass_at_1"] <= row["eval_held_out_pass_at_2"] <= 1
+        assert row["eval_held_out_avg_at_2"] == pytest.approx(row["eval_held_out_pass_at_1"])  # 0/1 reward
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(straight / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"eval/eval_held_out_pass_at_2", "train/loss", "rollout/reward_mean", "time/time_train_s"} <= set(tags)
+    assert [e.step for e in events.Scalars("eval/eval_held_out_pass_at_2")] == [2, 4]
+    console = (straight.parent / "straight_console.txt").read_text()
+    assert console.startswith("model ") and "algorithm SAPO (tau_pos 1.0, tau_neg 1.05)" in console
+    assert str(straight / "curves.png") in console and (straight / "curves.png").stat().st_size > 10_000
     # Real updates happen, so the resume test compares something.
     assert max(r["reward_mean"] for r in rows) > 0 and min(r["grad_norm"] for r in rows) > 0
     assert (straight / "config.toml").read_text().count("[loss]") == 1
