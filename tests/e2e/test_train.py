@@ -57,14 +57,19 @@ def from_start_model(straight: Path, folder: Path) -> Path:
     return config
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
+def reverse_problems(path: Path, count: int) -> Path:
+    """The task's first ``count`` validation problems as a prompt file (an eval set)."""
     from megatron_sapo.data.tasks import get_task
 
+    path.write_text("".join(json.dumps({"prompt": r.prompt, "answer": r.answer}) + "\n"
+                            for r in get_task("tiny-reverse").records("val", 0)[:count]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("straight")
-    problems = out.parent / "reverse_held_out.jsonl"  # an eval set of 8 validation problems, 2 samples each
-    problems.write_text("".join(json.dumps({"prompt": r.prompt, "answer": r.answer}) + "\n"
-                                for r in get_task("tiny-reverse").records("val", 0)[:8]))
+    problems = reverse_problems(out.parent / "reverse_held_out.jsonl", 8)  # an eval set, 2 samples each
     # Diagnostics budgets below a step's ~250 response tokens and 64 sequences: the run samples.
     done = train("examples/tiny_cpu/sapo.toml", out, "--steps", "4", "--save-every", "2",
                  "--set", f"logging.diagnostics_tokens={DIAGNOSTICS_TOKENS}",
@@ -340,13 +345,9 @@ def test_eval_command_evaluates_a_training_checkpoint(straight, tmp_path):
     the run's tokenizer, served by SGLang, and two sets evaluated on the task's validation
     problems as a prompt file: by exact match at temperature 1, and by a reward plugin at 0.5.
     avg@k and pass@k land in eval.json, eval.md and the last line printed."""
-    from megatron_sapo.data.tasks import get_task
-
     plugin = tmp_path / "reverse_reward.py"
     plugin.write_text(REWARD_PLUGIN)
-    problems = tmp_path / "reverse_val.jsonl"
-    problems.write_text("".join(json.dumps({"prompt": r.prompt, "answer": r.answer}) + "\n"
-                                for r in get_task("tiny-reverse").records("val", 0)[:16]))
+    problems = reverse_problems(tmp_path / "reverse_val.jsonl", 16)
     config = tmp_path / "eval.toml"
     config.write_text((REPO / "examples/tiny_cpu/sapo.toml").read_text() + f"""
 [[eval.sets]]
