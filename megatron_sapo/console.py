@@ -58,7 +58,9 @@ def header(cfg: RunConfig, world: int, out_dir: Path) -> str:
     servers = (f"{cfg.rollout.num_servers} colocated SGLang server(s)" if cfg.rollout.mode == "colocated"
                else f"{len(cfg.rollout.servers)} SGLang server(s) at {', '.join(cfg.rollout.servers)}")
     loss = cfg.loss
-    algorithm = loss.name.upper() + (f" (tau_pos {loss.tau_pos}, tau_neg {loss.tau_neg})" if loss.name == "sapo" else "")
+    algorithm = loss.name.upper()
+    if loss.name == "sapo":
+        algorithm += f" (tau_pos {loss.tau_pos}, tau_neg {loss.tau_neg})"
     if cfg.train.replays_routes:
         algorithm += f" with routing replay {cfg.train.routing_replay.upper()}"
     return "\n".join([

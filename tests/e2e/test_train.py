@@ -74,7 +74,8 @@ def straight(tmp_path_factory) -> Path:
     done = train("examples/tiny_cpu/sapo.toml", out, "--steps", "4", "--save-every", "2",
                  "--set", f"logging.diagnostics_tokens={DIAGNOSTICS_TOKENS}",
                  "--set", f"logging.diagnostics_sequences={DIAGNOSTICS_SEQUENCES}",
-                 "--set", f'eval.sets=[{{name = "held_out", path = "{problems}", reward = "exact_match", samples = 2}}]')
+                 "--set", f'eval.sets=[{{name = "held_out", path = "{problems}", reward = "exact_match", '
+                          'samples = 2}]')
     (out.parent / "straight_console.txt").write_text(done.stdout)
     return out
 

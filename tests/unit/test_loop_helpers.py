@@ -86,8 +86,8 @@ def test_dynamic_sampling_keeps_groups_whose_rewards_differ():
 
 
 def test_the_first_failed_reward_call_is_reported_once_on_stderr_and_in_the_run_folder(tmp_path, capsys):
-    run = SimpleNamespace(step=3, out_dir=tmp_path,
-                          rollout=SimpleNamespace(reward_failure_reported=False, scorer=SimpleNamespace(name="mine.py:f")))
+    rollout = SimpleNamespace(reward_failure_reported=False, scorer=SimpleNamespace(name="mine.py:f"))
+    run = SimpleNamespace(step=3, out_dir=tmp_path, rollout=rollout)
     report_reward_failure(run, RewardScores(scores=[1.0], errors=0))
     assert not (tmp_path / "logs").exists() and capsys.readouterr().err == ""
     report_reward_failure(run, RewardScores(scores=[0.0], errors=1, first_error="Traceback ...\nZeroDivisionError"))

@@ -10,8 +10,8 @@ import torch
 
 from megatron_sapo.algo.correction import correction_metrics, correction_sums, rollout_correction
 from megatron_sapo.algo.loss import policy_loss
-from megatron_sapo.config import (LOSS_NAMES, ConfigError, DataConfig, LossConfig, ModelConfig, RolloutConfig, RouterConfig,
-                                  RunConfig, TrainConfig)
+from megatron_sapo.config import (LOSS_NAMES, ConfigError, DataConfig, LossConfig, ModelConfig, RolloutConfig,
+                                  RouterConfig, RunConfig, TrainConfig)
 
 LOW, HIGH = 0.5, 2.0
 
